@@ -1,0 +1,24 @@
+"""lorafa-scale: LoRA-FA adapters (frozen A, trained B) for large Hugging Face models.
+
+`from lorafa_scale import LoraConfig, get_peft_model` is a drop-in for the same names in PEFT.
+"""
+
+from .config import ConfigError, LoraConfig, LoraFAConfig
+from .layer import LoraFAFunction, LoraFALinear
+from .model import LoraFAModel, PeftModel, get_lorafa_model, get_peft_model
+from .peft_format import AdapterFormatError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFormatError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraFAConfig",
+    "LoraFAFunction",
+    "LoraFALinear",
+    "LoraFAModel",
+    "PeftModel",
+    "get_lorafa_model",
+    "get_peft_model",
+]

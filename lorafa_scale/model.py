@@ -1,0 +1,330 @@
+"""Injecting LoRA-FA layers into a Hugging Face model, and the PEFT-compatible wrapper around it.
+
+`get_peft_model(model, config)` returns a `LoraFAModel` laid out as PEFT's PeftModel is
+(wrapper.base_model.model is the Hugging Face model), so in-memory parameter names such as
+base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight are exactly the keys PEFT saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import peft_format
+from .backends import find_backend
+from .config import ConfigError, LoraFAConfig
+from .layer import LoraFALinear
+
+# Used when target_modules is None, as PEFT does for these model types.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+# PEFT trains these heads for sequence classification.
+SEQ_CLS_HEADS = ["classifier", "score"]
+DEFAULT_LAYER_PATTERNS = ("layers", "h", "layer", "blocks", "block")
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: a trainable copy beside the frozen original, as PEFT's ModulesToSaveWrapper."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict({"default": copy.deepcopy(module)})
+        self.modules_to_save["default"].requires_grad_(True)
+        self.disabled = False
+
+    def forward(self, *args, **kwargs):
+        active = self.original_module if self.disabled else self.modules_to_save["default"]
+        return active(*args, **kwargs)
+
+
+def _name_matches(name: str, names) -> bool:
+    return any(name == n or name.endswith("." + n) for n in names)
+
+
+def _layer_index(name: str, patterns) -> int | None:
+    alternatives = "|".join(re.escape(p) for p in patterns)
+    match = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
+    return int(match.group(1)) if match else None
+
+
+class LoraFATuner(nn.Module):
+    """Holds the Hugging Face model as `.model` and replaces its target layers with LoraFALinear."""
+
+    def __init__(self, model: nn.Module, config: LoraFAConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.target_names = self._inject()
+        self._mark_trainable()
+
+    # -- injection ---------------------------------------------------------------------------------
+    def _output_head_names(self) -> set[str]:
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        head = get_head() if get_head else None
+        return {name for name, m in self.model.named_modules() if head is not None and m is head}
+
+    def _is_target(self, name: str, module: nn.Module, heads: set[str]) -> bool:
+        cfg = self.config
+        targets = cfg.target_modules
+        if targets == "all-linear":
+            hit = find_backend(module) is not None and name not in heads
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = _name_matches(name, targets)
+        if hit and cfg.layers_to_transform is not None:
+            patterns = cfg.layers_pattern or DEFAULT_LAYER_PATTERNS
+            patterns = [patterns] if isinstance(patterns, str) else patterns
+            hit = _layer_index(name, patterns) in cfg.layers_to_transform
+        return hit
+
+    def _inject(self) -> list[str]:
+        cfg = self.config
+        if cfg.target_modules is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            if model_type not in DEFAULT_TARGETS:
+                raise ConfigError(f"target_modules: no default for model type {model_type!r}; name the layers to adapt")
+            cfg.target_modules = list(DEFAULT_TARGETS[model_type])
+        heads = self._output_head_names()
+        wrapped = []
+        for name, module in list(self.model.named_modules()):
+            if not name or isinstance(module, LoraFALinear) or not self._is_target(name, module, heads):
+                continue
+            backend = find_backend(module)
+            if backend is None:
+                if cfg.target_modules == "all-linear" or isinstance(cfg.target_modules, str):
+                    continue  # a regex may match containers; only linear layers are adapted
+                raise ConfigError(f"target_modules: '{name}' is a {type(module).__name__}, not a linear layer")
+            layer = LoraFALinear(
+                module, backend, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
+                cfg.use_fast_adapter, cfg.correct_b_grad, cfg.init_lora_weights,
+            )
+            self.model.set_submodule(name, layer)
+            wrapped.append(name)
+        if not wrapped:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if find_backend(m)})
+            raise ConfigError(
+                f"target_modules={cfg.target_modules!r} matched no linear layer"
+                + (f" in layers {cfg.layers_to_transform}" if cfg.layers_to_transform is not None else "")
+                + f"; linear layers in this model: {', '.join(linear) or 'none'}"
+            )
+        return wrapped
+
+    def _mark_trainable(self) -> None:
+        cfg = self.config
+        self.model.requires_grad_(False)
+        for layer in self.lora_layers():
+            layer.lora_B.weight.requires_grad_(True)
+            layer.lora_A.weight.requires_grad_(not cfg.use_fast_adapter)
+            if cfg.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+        if cfg.bias == "all":
+            for name, param in self.model.named_parameters():
+                if name.endswith("bias"):
+                    param.requires_grad_(True)
+        to_save = list(cfg.modules_to_save or [])
+        if cfg.task_type == "SEQ_CLS":
+            to_save += [h for h in SEQ_CLS_HEADS if h not in to_save]
+            cfg.modules_to_save = to_save
+        for name, module in list(self.model.named_modules()):
+            if name and to_save and _name_matches(name, to_save) and not isinstance(module, ModulesToSave):
+                self.model.set_submodule(name, ModulesToSave(module))
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def lora_layers(self) -> list[LoraFALinear]:
+        return [m for m in self.model.modules() if isinstance(m, LoraFALinear)]
+
+    def resolved_target_modules(self):
+        """target_modules as adapter_config.json records it: a regex as is, otherwise the layer suffixes."""
+        targets = self.config.target_modules
+        if isinstance(targets, str) and targets != "all-linear":
+            return targets
+        return sorted({name.rsplit(".", 1)[-1] for name in self.target_names})
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def _saved_key(name: str) -> str:
+    # PEFT drops the adapter name of a ModulesToSaveWrapper when saving.
+    return name.replace("modules_to_save.default.", "")
+
+
+class LoraFAModel(nn.Module):
+    """The PEFT-compatible wrapper: `wrapper.base_model.model` is the Hugging Face model."""
+
+    def __init__(self, model: nn.Module, config: LoraFAConfig):
+        super().__init__()
+        self.base_model = LoraFATuner(model, config)
+        self.peft_config = {"default": config}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model.model, name)
+
+    @property
+    def config_lorafa(self) -> LoraFAConfig:
+        return self.peft_config["default"]
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def lora_layers(self) -> list[LoraFALinear]:
+        return self.base_model.lora_layers()
+
+    # -- parameters --------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for param in self.parameters():
+            n = param.numel()
+            total += n
+            trainable += n if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def _adapter_names(self) -> list[str]:
+        """In-memory names of every tensor the adapter file holds."""
+        cfg = self.config_lorafa
+        names = []
+        for name, param in self.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name or "modules_to_save.default." in name:
+                names.append(name)
+            elif cfg.bias == "all" and name.endswith("bias"):
+                names.append(name)
+            elif cfg.bias == "lora_only" and name.endswith("base_layer.bias"):
+                names.append(name)
+        return names
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """{PEFT key: tensor} for every adapter tensor."""
+        params = dict(self.named_parameters())
+        return {_saved_key(n): params[n] for n in self._adapter_names()}
+
+    # -- save / load -------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, **_ignored) -> None:
+        if not safe_serialization:
+            raise ValueError("save_pretrained: lorafa-scale writes safetensors only (safe_serialization=True)")
+        fan_in_fan_out = any(layer.backend.fan_in_fan_out for layer in self.lora_layers())
+        peft_format.save_adapter(
+            save_directory, self.adapter_state_dict(), self.config_lorafa,
+            self.base_model.resolved_target_modules(), fan_in_fan_out,
+        )
+
+    def load_adapter_weights(self, weights: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        """Copy {PEFT key: tensor} into the adapter; every key must match in name and shape."""
+        params = dict(self.named_parameters())
+        expected = {_saved_key(n): n for n in self._adapter_names()}
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise peft_format.AdapterFormatError(
+                f"{source}: adapter does not fit this model; missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                f" unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )
+        with torch.no_grad():
+            for key, tensor in weights.items():
+                param = params[expected[key]]
+                if param.shape != tensor.shape:
+                    raise peft_format.AdapterFormatError(
+                        f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+                    )
+                param.copy_(tensor)
+        for layer in self.lora_layers():
+            layer.refresh_b_grad_correction()
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, is_trainable: bool = False, **_ignored) -> LoraFAModel:
+        """Load an adapter saved here or by PEFT onto `model`; a PEFT LoRA adapter gets its A frozen."""
+        config = peft_format.load_config(model_id)
+        config.inference_mode = not is_trainable
+        wrapper = cls(model, config)
+        wrapper.load_adapter_weights(
+            peft_format.load_weights(model_id), str(Path(model_id) / peft_format.WEIGHTS_NAME)
+        )
+        if not is_trainable:
+            wrapper.requires_grad_(False)
+            wrapper.eval()
+        return wrapper
+
+    # -- merge and disable -------------------------------------------------------------------------
+    def merge_adapter(self) -> None:
+        for layer in self.lora_layers():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold s*B*A into each base weight and return the plain Hugging Face model."""
+        model = self.base_model.model
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraFALinear):
+                module.merge()
+                model.set_submodule(name, module.base_layer)
+            elif isinstance(module, ModulesToSave):
+                model.set_submodule(name, module.modules_to_save["default"])
+        return model
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters without merging and return the original Hugging Face model."""
+        model = self.base_model.model
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraFALinear):
+                module.unmerge()
+                model.set_submodule(name, module.base_layer)
+            elif isinstance(module, ModulesToSave):
+                model.set_submodule(name, module.original_module)
+        return model
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the bare base model inside the block (merged adapters are unmerged, then merged back)."""
+        layers = self.lora_layers()
+        wrappers = [m for m in self.modules() if isinstance(m, ModulesToSave)]
+        merged = [layer for layer in layers if layer.merged]
+        for layer in merged:
+            layer.unmerge()
+        for m in layers + wrappers:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in layers + wrappers:
+                m.disabled = False
+            for layer in merged:
+                layer.merge()
+
+
+def get_peft_model(model: nn.Module, config: LoraFAConfig, **_ignored) -> LoraFAModel:
+    """Wrap `model` with LoRA-FA adapters (PEFT's name for `get_lorafa_model`)."""
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return LoraFAModel(model, config)
+
+
+get_lorafa_model = get_peft_model
+PeftModel = LoraFAModel
