@@ -27,7 +27,8 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128)
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128,
+                        bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config).eval()
 
 
