@@ -78,7 +78,7 @@ class LoraFAFunction(torch.autograd.Function):
             rank = projected.shape[-1]
             grad_B = (grad_out.reshape(-1, grad_out.shape[-1]).T @ projected.reshape(-1, rank)) * ctx.scaling
             if b_grad_correction is not None:
-                grad_B = grad_B.float() @ b_grad_correction
+                grad_B = grad_B.float() @ b_grad_correction.float()
             grad_B = grad_B.to(lora_B.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ lora_B.to(dtype)) * ctx.scaling
