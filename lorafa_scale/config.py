@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 # init_lora_weights: True and "orthonormal" give A orthonormal rows (our default, see layer.py);

@@ -25,6 +25,7 @@ by exactly -lr G A^T A, the full fine-tuning step projected onto A's r direction
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -209,7 +209,7 @@ class LoraFAModel(nn.Module):
         """In-memory names of every tensor the adapter file holds."""
         cfg = self.config_lorafa
         names = []
-        for name, param in self.named_parameters():
+        for name, _ in self.named_parameters():
             if ".lora_A." in name or ".lora_B." in name or "modules_to_save.default." in name:
                 names.append(name)
             elif cfg.bias == "all" and name.endswith("bias"):

@@ -141,9 +141,9 @@ def test_keeps_only_r_values_per_token_vs_peft():
                     p.requires_grad_(False)
         return model
 
-    peft_lora, _ = activation_bytes(lambda m=peft_layer(False): m(x), peft_layer(False))
-    model = peft_layer(True)
-    peft_frozen_a, _ = activation_bytes(lambda: model(x), model)
+    lora, frozen_a = peft_layer(False), peft_layer(True)
+    peft_lora, _ = activation_bytes(lambda: lora(x), lora)
+    peft_frozen_a, _ = activation_bytes(lambda: frozen_a(x), frozen_a)
     # PEFT keeps the dropout mask and dropout(x) (x-sized each) plus A's output.
     assert peft_lora >= 2 * tokens * 256 * 4
     assert peft_frozen_a >= tokens * 256 * 4
