@@ -17,6 +17,7 @@ from torch import nn
 
 from . import peft_format
 from .backends import find_backend
+from .backends.bnb import stored_numel
 from .config import ConfigError, LoraFAConfig
 from .layer import LoraFALinear
 
@@ -196,7 +197,7 @@ class LoraFAModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0
         for param in self.parameters():
-            n = param.numel()
+            n = stored_numel(param)  # a 4-bit parameter counts its unpacked values, as in PEFT
             total += n
             trainable += n if param.requires_grad else 0
         return trainable, total

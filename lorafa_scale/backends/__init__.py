@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from .bnb import LINEAR_4BIT, LINEAR_8BIT
 from .torch_linear import CONV1D, LINEAR, Backend
 
-BACKENDS: list[Backend] = [LINEAR, CONV1D]
+# bitsandbytes layers subclass nn.Linear, so their backends come first.
+BACKENDS: list[Backend] = [LINEAR_4BIT, LINEAR_8BIT, LINEAR, CONV1D]
 
 
 def find_backend(module: torch.nn.Module) -> Backend | None:
