@@ -30,7 +30,7 @@ DEFAULT_TARGETS = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
 }
-# PEFT trains these heads for sequence classification.
+# Classification heads: trained in full for SEQ_CLS (as PEFT does), never adapted by "all-linear".
 SEQ_CLS_HEADS = ["classifier", "score"]
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "layer", "blocks", "block")
 
@@ -80,7 +80,7 @@ class LoraFATuner(nn.Module):
         cfg = self.config
         targets = cfg.target_modules
         if targets == "all-linear":
-            hit = find_backend(module) is not None and name not in heads
+            hit = find_backend(module) is not None and name not in heads and not _name_matches(name, SEQ_CLS_HEADS)
         elif isinstance(targets, str):
             hit = re.fullmatch(targets, name) is not None
         else:
@@ -107,7 +107,7 @@ class LoraFATuner(nn.Module):
             if backend is None:
                 if cfg.target_modules == "all-linear" or isinstance(cfg.target_modules, str):
                     continue  # a regex may match containers; only linear layers are adapted
-                raise ConfigError(f"target_modules: '{name}' is a {type(module).__name__}, not a linear layer")
+                raise ConfigError(f"target_modules: '{name}' is not a linear layer (it is {type(module).__name__})")
             layer = LoraFALinear(
                 module, backend, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
                 cfg.use_fast_adapter, cfg.correct_b_grad, cfg.init_lora_weights,
