@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .backends import Backend
 
@@ -152,7 +153,10 @@ class LoraFALinear(nn.Module):
     @torch.no_grad()
     def refresh_b_grad_correction(self) -> None:
         """Recompute (A A^T)^-1 / s^2 from the current A; call after A changes (init, loading)."""
-        a = self.lora_A.weight.to(torch.float64)
+        a = self.lora_A.weight
+        if isinstance(a, DTensor):  # sharded by FSDP2: the Gram matrix needs every row (a collective)
+            a = a.full_tensor()
+        a = a.to(torch.float64)
         gram_inverse = torch.linalg.pinv(a @ a.T)
         self.b_grad_correction.copy_(gram_inverse / self.scaling**2)
 
