@@ -1,0 +1,246 @@
+"""Command-line options of the training job, optionally supplied by a --recipe YAML file.
+
+`parse_args(argv)` returns a `TrainArgs` with every value checked and the derived ones resolved
+(grad_accum from the batch sizes and the world size); a bad value raises ConfigError naming the option
+(and the recipe file when it came from there), before anything expensive runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError
+
+QUANTIZATION_CHOICES = ("none", "int8", "nf4", "fp4")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+REPORT_CHOICES = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class TrainArgs:
+    """The resolved options; field names are the option names with '_' for '-'."""
+
+    config: str | None
+    model: str | None
+    dataset: str | None
+    output_dir: str
+    overwrite: bool
+    max_steps: int | None
+    epochs: int
+    micro_batch_size: int
+    global_batch_size: int
+    seq_len: int
+    packing: bool
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str]
+    fast_adapter_rank: int
+    quantization: str
+    dtype: str
+    gradient_checkpointing: bool
+    fsdp: bool
+    save_every: int
+    keep_last: int
+    eval_every: int
+    val_fraction: float
+    log_every: int
+    max_nonfinite_steps: int
+    resume: str
+    seed: int
+    report_to: str
+    trust_remote_code: bool
+    local_rank: int
+    recipe: str | None
+    grad_accum: int = 1  # derived: global_batch_size / (micro_batch_size x world size)
+
+    @property
+    def embedded(self) -> bool:
+        """True when the job trains the built-in model on the shipped sample dataset."""
+        return self.model is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorafa-scale train",
+        description="Train LoRA-FA adapters (A frozen, B trained). With no --model and no --dataset, trains "
+        "a small built-in Llama-style model on a sample dataset shipped in the package (no download).",
+        allow_abbrev=False,
+    )
+    add = p.add_argument
+    add("--recipe", help="YAML file of option: value pairs (names as below, without '--'); the command line wins")
+    add("--config", help="DeepSpeed JSON config (ds_configs/*.json); its \"auto\" values are filled in from these options")
+    add("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="shard with FSDP2 (under torchrun)")
+    add("--model", help="Hugging Face model name or local directory (default: the built-in model)")
+    add("--dataset", help="JSONL file (text, alpaca or chat records), directory of JSONL files, or a directory "
+        "saved by datasets' save_to_disk (default: the built-in sample with the built-in model)")
+    add("--output-dir", default="runs/lorafa", help="where adapter/, checkpoints/, metrics.jsonl and loss.png go")
+    add("--overwrite", action="store_true", help="start afresh in an output dir that holds another run (deletes it)")
+    add("--max-steps", type=int, help="optimizer steps to run (default: --epochs over the dataset)")
+    add("--epochs", type=int, default=1, help="passes over the training split when --max-steps is not given")
+    add("--micro-batch-size", type=int, default=4, help="examples per forward pass on each process")
+    add("--global-batch-size", type=int, help="examples per optimizer step over all processes "
+        "(default: micro x processes); gradient accumulation = global / (micro x processes)")
+    add("--seq-len", type=int, default=256, help="tokens per example; longer examples are truncated and counted")
+    add("--packing", action=argparse.BooleanOptionalAction, default=False,
+        help="pack short examples together into sequences of up to --seq-len tokens")
+    add("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, linear warmup then cosine decay)")
+    add("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay on B")
+    add("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = no clipping)")
+    add("--r", type=int, default=16, help="adapter rank")
+    add("--lora-alpha", type=float, default=32.0, help="scaling numerator: s = lora_alpha / r")
+    add("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
+    add("--target-modules", nargs="+", default=["all-linear"],
+        help="layer names to adapt (e.g. q_proj v_proj), or all-linear")
+    add("--fast-adapter-rank", type=int, default=0, help="rows of A meant to be initialised from data (0..r)")
+    add("--quantization", default="none", choices=QUANTIZATION_CHOICES, help="load the base model quantized")
+    add("--dtype", default="auto", choices=DTYPE_CHOICES,
+        help="base model dtype (auto: bfloat16 on a GPU that supports it, else float32)")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+        help="recompute activations in backward to save memory")
+    add("--save-every", type=int, default=50, help="write a resumable checkpoint every N steps (0 = only at the end)")
+    add("--keep-last", type=int, default=2, help="checkpoints kept (older ones are deleted after a new one is complete)")
+    add("--eval-every", type=int, default=0, help="evaluate on the validation split every N steps (0 = never)")
+    add("--val-fraction", type=float, default=0.05,
+        help="share of the examples held out for validation when --eval-every > 0 and the dataset has no split")
+    add("--log-every", type=int, default=1, help="write metrics.jsonl every N steps")
+    add("--max-nonfinite-steps", type=int, default=10,
+        help="stop (with a checkpoint) after this many consecutive steps with a non-finite loss")
+    add("--resume", default="never",
+        help="auto (newest complete checkpoint in --output-dir, if any), never, or a checkpoint directory")
+    add("--seed", type=int, default=0, help="seed for the model init, adapter init, data order and dropout")
+    add("--report-to", default="none", choices=REPORT_CHOICES, help="also log metrics to this tracker")
+    add("--trust-remote-code", action="store_true", help="allow the model's own Python code from the Hub")
+    add("--local_rank", "--local-rank", dest="local_rank", type=int, default=0,
+        help="set by the deepspeed launcher; the rank is read from the environment")
+    return p
+
+
+def _recipe_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """Turn a YAML recipe into command-line tokens, checking every key and value against the parser."""
+    recipe = Path(path)
+    if not recipe.is_file():
+        raise ConfigError(f"--recipe: {path} not found")
+    try:
+        values = yaml.safe_load(recipe.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--recipe {path}: invalid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--recipe {path}: expected a mapping of option: value, got {type(values).__name__}")
+    options = {a.dest: a for a in parser._actions if a.option_strings}
+    argv = []
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in options or dest in ("recipe", "help"):
+            close = difflib.get_close_matches(dest, list(options), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"--recipe {path}: unknown option '{key}'{hint}")
+        flag = options[dest].option_strings[0]
+        if isinstance(value, bool):
+            if not isinstance(options[dest], (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+                raise ConfigError(f"--recipe {path}: option '{key}' takes a value, not {value}")
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
+            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+    try:
+        parser.parse_args(argv)
+    except argparse.ArgumentError as err:
+        raise ConfigError(f"--recipe {path}: {err}") from None
+    return argv
+
+
+def _check_json_config(path: str) -> None:
+    """Fail early on a missing or unparsable DeepSpeed config (the engine resolves its values later)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config: {path} not found")
+    try:
+        loaded = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config {path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object, got {type(loaded).__name__}")
+
+
+def _check(args: TrainArgs, world_size: int) -> None:
+    positive = ["epochs", "micro_batch_size", "global_batch_size", "seq_len", "r", "log_every",
+                "max_nonfinite_steps", "keep_last"]
+    for name in positive:
+        value = getattr(args, name)
+        if value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "max_grad_norm"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {args.lr}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():
+        raise ConfigError(f"--resume: {args.resume} is neither auto, never nor a checkpoint directory")
+    if args.dataset is not None and not Path(args.dataset).exists():
+        raise ConfigError(f"--dataset: {args.dataset} not found")
+    if args.model is None and args.dataset is not None:
+        raise ConfigError("--dataset needs --model (the built-in model trains only on the built-in sample)")
+    if args.model is None and args.quantization != "none":
+        raise ConfigError("--quantization needs --model (the built-in model is not quantized)")
+    if args.config is not None and args.fsdp:
+        raise ConfigError("--config (DeepSpeed) and --fsdp choose two different engines; pass one")
+    if args.config is not None:
+        _check_json_config(args.config)
+    per_pass = args.micro_batch_size * world_size
+    if args.global_batch_size % per_pass:
+        raise ConfigError(
+            f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+            f"{args.micro_batch_size} x {world_size} process(es) = {per_pass}"
+        )
+
+
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> TrainArgs:
+    """Parse and check the options; world_size defaults to $WORLD_SIZE (set by every launcher)."""
+    parser = build_parser()
+    argv = list(argv or [])
+    recipe = _find_recipe(argv)
+    if recipe is not None:
+        checker = build_parser()
+        checker.exit_on_error = False
+        argv = _recipe_argv(recipe, checker) + argv
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [s for a in parser._actions for s in a.option_strings]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unknown option {unknown[0]}{hint} (see --help)")
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if namespace.global_batch_size is None:
+        namespace.global_batch_size = namespace.micro_batch_size * world_size
+    args = TrainArgs(**vars(namespace))
+    _check(args, world_size)
+    args.grad_accum = args.global_batch_size // (args.micro_batch_size * world_size)
+    return args
+
+
+def _find_recipe(argv: list[str]) -> str | None:
+    for i, token in enumerate(argv):
+        if token == "--recipe" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--recipe="):
+            return token.split("=", 1)[1]
+    return None
