@@ -1,0 +1,240 @@
+"""QLoRA-style training: a Hugging Face model loaded in 4 or 8 bits with bitsandbytes, plus LoRA-FA.
+
+    model = load_model("path/to/llama", "nf4", torch.bfloat16, LoraConfig(r=16, target_modules="all-linear"))
+
+What is upcast. PEFT's prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not 4-bit
+(embeddings, norms, the output head; int8 weights are left alone) to fp32. They are frozen, so that buys
+nothing for the optimizer, costs 2 extra bytes per value, and fp32 norm weights turn the hidden states fp32
+from the first norm on, doubling the activations autograd keeps. `prepare_for_training` keeps every frozen
+parameter in the dtype it was loaded in and upcasts only what is trained: the adapters are created in fp32
+by LoraFALinear, and fully trained copies (modules_to_save) are upcast after injection.
+
+Merging. A merged 4-bit model is rarely what anyone wants: re-quantizing W + s B A rounds it to the 4-bit
+grid, whose step is far larger than a trained delta, so most of the adapter is lost (`merge_and_unload`
+reports how much, per layer). `export_merged` instead writes a full-precision merged checkpoint from the
+base model's safetensors shards, one shard in memory at a time, so a 70B merge needs one shard's RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import peft_format
+from .backends import find_backend
+from .config import ConfigError, LoraFAConfig
+from .model import LoraFAModel, get_peft_model
+
+QUANTIZATION_CHOICES = ("none", "int8", "nf4", "fp4")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def bnb_config(quantization: str, dtype: torch.dtype | str = torch.bfloat16, double_quant: bool = True,
+               quant_storage: torch.dtype | str | None = None):
+    """The transformers BitsAndBytesConfig for `quantization` (None for "none").
+
+    dtype is the 4-bit compute dtype. quant_storage: the dtype 4-bit weights are packed into; set it to the
+    model dtype when ZeRO-3 or FSDP will shard the model, so the packed weights shard like the others.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ConfigError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {quantization!r}")
+    if quantization == "none":
+        return None
+    if quantization == "int8":
+        if quant_storage is not None:
+            raise ConfigError("quant_storage applies to 4-bit quantization (nf4, fp4), not int8")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=resolve_dtype(dtype),
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_quant_storage=resolve_dtype(quant_storage) if quant_storage is not None else torch.uint8,
+    )
+
+
+def default_device_map():
+    """Each process loads onto its own GPU (LOCAL_RANK), or the CPU when there is none."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return "cpu"
+
+
+def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:
+    """Freeze the whole base model, upcast nothing (see the module docstring), keep 4-bit CPU layers trainable.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit for a bf16 inference kernel at its first
+    forward in eval mode without grad (an evaluation pass), and that kernel has no backward: training
+    after it gets silently wrong gradients. Turning the repack off keeps the training kernel throughout.
+    """
+    model.requires_grad_(False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def upcast_trainable_(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast trainable parameters to fp32 (optimizer updates on bf16 weights lose small steps)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def load_model(path, quantization: str = "nf4", dtype: torch.dtype | str = torch.bfloat16,
+               lora_config: LoraFAConfig | None = None, *, double_quant: bool = True,
+               quant_storage: torch.dtype | str | None = None, device_map=None,
+               trust_remote_code: bool = False) -> torch.nn.Module:
+    """Load a causal LM from `path` quantized as asked, frozen, with LoRA-FA injected if lora_config is given.
+
+    Returns a LoraFAModel (PEFT layout) when lora_config is given, else the prepared Hugging Face model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(dtype)
+    quantization_config = bnb_config(quantization, dtype, double_quant, quant_storage)  # checks before loading
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise ConfigError(f"{local / 'config.json'}: not found; path must be a Hugging Face model directory")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=quantization_config,
+        device_map=device_map if device_map is not None else default_device_map(),
+        trust_remote_code=trust_remote_code,
+    )
+    prepare_for_training(model)
+    if lora_config is None:
+        return model
+    return upcast_trainable_(get_peft_model(model, lora_config))
+
+
+# -- merging ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def merge_and_unload(peft_model: LoraFAModel) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Merge every adapter into its (quantized) base layer; return the model and each layer's rounding error.
+
+    The error of a layer is |W'_merged - (W + s B A)| / |s B A| (Frobenius norms, W and W' dequantized):
+    0 means the whole update survived re-quantization, 1 means as much error as the update itself.
+    """
+    errors = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        dequantize = getattr(getattr(module, "backend", None), "dequantized_weight", None)
+        if dequantize is None or module.merged:
+            continue
+        before = dequantize(module.base_layer).double()
+        delta = module.delta_weight().double()
+        module.merge()
+        after = dequantize(module.base_layer).double()
+        errors[name] = float((after - before - delta).norm() / delta.norm().clamp_min(1e-30))
+    return peft_model.merge_and_unload(), errors
+
+
+def _checkpoint_shards(base_dir: Path) -> list[str]:
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (base_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise ConfigError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (export needs safetensors)")
+
+
+def _roundtrip(weight: torch.Tensor, quantization_config) -> torch.Tensor:
+    """What `weight` becomes once loaded with quantization_config: quantized, then dequantized."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    if quantization_config.load_in_8bit:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(
+            in_features, out_features, bias=False, quant_type=quantization_config.bnb_4bit_quant_type,
+            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
+            quant_storage=quantization_config.bnb_4bit_quant_storage,
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_type=quantization_config.bnb_4bit_quant_type,
+            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
+            quant_storage=quantization_config.bnb_4bit_quant_storage, module=layer,
+        )
+    layer.to("cpu")  # quantizes
+    return find_backend(layer).dequantized_weight(layer)
+
+
+def export_merged(adapter_dir, base_dir, out_dir, *, quantization: str = "none",
+                  dtype: torch.dtype | str = torch.bfloat16, double_quant: bool = True) -> Path:
+    """Write base + adapter as a full-precision checkpoint in `out_dir`, shard by shard.
+
+    Each shard of the base safetensors checkpoint is read, every adapted weight W becomes W + s B A (in
+    fp32, stored back in W's dtype), tensors the adapter trains in full (modules_to_save, biases) are
+    replaced, and the shard is written before the next is read. Given the quantization (and dtype,
+    double_quant) the adapter was trained with, W is first replaced by what loading it that way gives
+    (cast, quantized, dequantized), so the export computes what the quantized model plus adapter computed
+    in training. out_dir must not exist yet; it appears only once complete.
+    """
+    adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
+    quantization_config = bnb_config(quantization, dtype, double_quant)
+    dtype = resolve_dtype(dtype)
+    config = peft_format.load_config(adapter_dir)
+    adapter = peft_format.load_weights(adapter_dir)
+    shards = _checkpoint_shards(base_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: already exists; export_merged never overwrites")
+    prefix = "base_model.model."
+    pairs = {}  # base weight key -> (lora_A key, lora_B key)
+    replaced = {}  # base key -> adapter key, for tensors trained in full
+    for key in adapter:
+        if key.endswith(".lora_A.weight"):
+            module = key[len(prefix):-len(".lora_A.weight")]
+            pairs[module + ".weight"] = (key, key.replace(".lora_A.", ".lora_B."))
+        elif not key.endswith(".lora_B.weight"):
+            replaced[key[len(prefix):]] = key
+    base_keys = set()
+    for shard in shards:
+        with safe_open(str(base_dir / shard), framework="pt") as reader:
+            base_keys.update(reader.keys())
+    missing = sorted((set(pairs) | set(replaced)) - base_keys)
+    if missing:
+        raise peft_format.AdapterFormatError(f"{adapter_dir}: adapter tensors with no base weight in {base_dir}: {missing[:3]}")
+
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    for shard in shards:
+        tensors = {}
+        with safe_open(str(base_dir / shard), framework="pt") as reader:
+            metadata = reader.metadata()
+            for key in reader.keys():
+                tensor = reader.get_tensor(key)
+                if key in pairs:
+                    a_key, b_key = pairs[key]
+                    base = _roundtrip(tensor.to(dtype), quantization_config) if quantization_config else tensor
+                    delta = (adapter[b_key].float() @ adapter[a_key].float()) * config.scaling
+                    tensor = (base.float() + delta).to(tensor.dtype)
+                elif key in replaced:
+                    tensor = adapter[replaced[key]].to(tensor.dtype)
+                tensors[key] = tensor.contiguous()
+        save_file(tensors, str(tmp_dir / shard), metadata=metadata)
+        del tensors  # one shard in memory at a time
+    for extra in base_dir.iterdir():  # config, index, tokenizer, generation config
+        if extra.is_file() and not extra.name.endswith(".safetensors"):
+            shutil.copy2(extra, tmp_dir / extra.name)
+    os.replace(tmp_dir, out_dir)
+    return out_dir

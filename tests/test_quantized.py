@@ -1,0 +1,228 @@
+"""LoRA-FA on bitsandbytes 4-bit and 8-bit layers: math, memory, training, merging, PEFT interop."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafa_scale import ConfigError, LoraConfig, LoraFALinear
+from lorafa_scale.backends import find_backend
+from lorafa_scale.quantization import export_merged, load_model, merge_and_unload
+from tests.test_layer import OneLinear, activation_bytes
+from tests.test_model import ids, logits, train_b
+from tests.tiny_models import save_tiny_llama
+
+IN, OUT, R, ALPHA = 256, 512, 16, 32
+# (kind, compute dtype, quant_storage, double quantization); a bf16 quant_storage is the ZeRO-3 / FSDP setting.
+QUANTIZED = [
+    ("nf4", torch.float32, torch.uint8, True),
+    ("nf4", torch.bfloat16, torch.bfloat16, True),
+    ("fp4", torch.float32, torch.uint8, False),
+    ("fp4", torch.float16, torch.uint8, True),
+    ("int8", torch.float32, None, None),
+]
+# Forward tolerance relative to the output's largest value: float rounding of the compute dtype over a
+# 256-long dot product, against a float64 reference that uses the same dequantized weight.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def quantized_linear(kind, compute_dtype, quant_storage, double_quant, seed=0):
+    """A real bitsandbytes layer holding a random weight, quantized the way from_pretrained does."""
+    weight = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(seed)) * 0.05
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(IN, OUT, bias=True, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        options = dict(quant_type=kind, compress_statistics=double_quant, quant_storage=quant_storage)
+        layer = bnb.nn.Linear4bit(IN, OUT, bias=True, compute_dtype=compute_dtype, **options)
+        layer.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, module=layer, **options)
+    layer.bias.data = torch.randn(OUT, generator=torch.Generator().manual_seed(seed + 1)).to(compute_dtype) * 0.1
+    layer.bias.requires_grad_(False)
+    return layer.to("cpu")
+
+
+@pytest.mark.parametrize("kind, compute_dtype, quant_storage, double_quant", QUANTIZED)
+def test_forward_and_b_gradient_match_dequantized_float64(kind, compute_dtype, quant_storage, double_quant):
+    base = quantized_linear(kind, compute_dtype, quant_storage, double_quant)
+    backend = find_backend(base)
+    assert backend.name == ("bnb_8bit" if kind == "int8" else "bnb_4bit")
+    torch.manual_seed(0)
+    layer = LoraFALinear(base, backend, R, ALPHA, init_lora_weights=False).train()  # B random: adapter is non-zero
+    x = torch.randn(3, 20, IN).to(compute_dtype).requires_grad_(True)
+    grad_out = torch.randn(3, 20, OUT).to(compute_dtype)
+    y = layer(x)
+    y.backward(grad_out)
+
+    w = backend.dequantized_weight(base).double()
+    a = layer.lora_A.weight.detach().double()
+    b = layer.lora_B.weight.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = x64 @ w.T + base.bias.double() + layer.scaling * (x64 @ a.T) @ b.T
+    y64.backward(grad_out.double())
+    g_b64 = b.grad @ torch.linalg.inv(a @ a.T) / layer.scaling**2  # LoRA-FA's corrected B gradient
+
+    tol = TOLERANCE[compute_dtype]
+    assert y.dtype == compute_dtype
+    assert (y.double() - y64).abs().max() <= tol * y64.abs().max()
+    assert (x.grad.double() - x64.grad).abs().max() <= tol * x64.grad.abs().max()
+    g_b = layer.lora_B.weight.grad.double()
+    assert (g_b - g_b64).abs().max() <= tol * g_b64.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_saved_bytes_vs_peft_lora_on_the_same_quantized_layer(kind):
+    """Neither the quantized matmul nor the adapter keeps the input; PEFT's LoRA keeps it (and a mask)."""
+    tokens = 4 * 64
+    x = torch.randn(4, 64, IN, requires_grad=True)
+    holder = OneLinear()
+    holder.proj = quantized_linear(kind, torch.float32, torch.uint8, True)
+    base_only, _ = activation_bytes(lambda: holder(x), holder)
+    ours = LoraFALinear(holder.proj, find_backend(holder.proj), R, ALPHA, lora_dropout=0.05).train()
+    ours_bytes, _ = activation_bytes(lambda: ours(x), ours)
+
+    theirs = peft.get_peft_model(holder, peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.05,
+                                                         target_modules=["proj"])).train()
+    assert type(theirs.base_model.model.proj.base_layer) is type(ours.base_layer)  # PEFT's bnb layer, same base
+    theirs_bytes, _ = activation_bytes(lambda: theirs(x), theirs)
+
+    assert base_only == 0
+    assert ours_bytes == tokens * R * 4  # only the fp32 projection A x
+    # PEFT keeps dropout's mask and dropout(x), each as large as x, plus A's output.
+    assert theirs_bytes >= 2 * tokens * IN * 4
+    assert ours_bytes * 20 < theirs_bytes
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def config():
+    return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+
+
+def loss(model):
+    x = ids()
+    with torch.no_grad():
+        return float(model(input_ids=x, labels=x).loss)
+
+
+@pytest.fixture(scope="module")
+def trained_nf4(checkpoint, tmp_path_factory):
+    """A LoRA-FA adapter trained a few steps on the nf4-loaded tiny Llama, saved in PEFT's format."""
+    model = load_model(checkpoint, "nf4", torch.float32, config())
+    before = loss(model.train())
+    train_b(model, steps=5)
+    adapter_dir = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(adapter_dir)
+    return model, adapter_dir, before
+
+
+def test_nf4_training_lowers_loss_and_counts_like_peft(trained_nf4, checkpoint):
+    model, _, before = trained_nf4
+    assert loss(model.train()) < before - 0.1
+    assert all(type(m.base_layer) is bnb.nn.Linear4bit for m in model.lora_layers())
+    trainable = {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_B"}
+    # Same parameter counts as PEFT on the same 4-bit model (plain LoRA here, so A is trainable in both).
+    plain = load_model(checkpoint, "nf4", torch.float32, LoraConfig(r=8, lora_alpha=16, use_fast_adapter=False,
+                                                                    target_modules="all-linear"))
+    theirs = peft.get_peft_model(load_model(checkpoint, "nf4", torch.float32),
+                                 peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert plain.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_int8_training_lowers_loss(checkpoint):
+    model = load_model(checkpoint, "int8", torch.float32, config())
+    assert all(type(m.base_layer) is bnb.nn.Linear8bitLt for m in model.lora_layers())
+    before = loss(model.train())
+    train_b(model, steps=5)
+    assert loss(model.train()) < before - 0.1
+
+
+def test_adapter_trained_on_nf4_loads_in_peft_with_same_logits(trained_nf4, checkpoint):
+    model, adapter_dir, _ = trained_nf4
+    theirs = peft.PeftModel.from_pretrained(load_model(checkpoint, "nf4", torch.float32), adapter_dir)
+    torch.testing.assert_close(logits(theirs.eval()), logits(model.eval()), rtol=1e-5, atol=1e-5)
+
+
+def test_an_evaluation_pass_does_not_change_training_gradients(checkpoint):
+    """bitsandbytes' CPU bf16 inference repack (AVX512-BF16 machines) has no backward; the loader turns it off."""
+
+    def b_gradients(evaluate_first):
+        torch.manual_seed(0)
+        model = load_model(checkpoint, "nf4", torch.float32, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                                                        target_modules="all-linear"))
+        if evaluate_first:
+            logits(model.eval())
+        x = ids()
+        model.train()(input_ids=x, labels=x).loss.backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    for fresh, after_eval in zip(b_gradients(False), b_gradients(True), strict=True):
+        torch.testing.assert_close(after_eval, fresh, rtol=0, atol=0)
+
+
+def test_bf16_load_upcasts_only_what_is_trained(checkpoint):
+    model = load_model(checkpoint, "nf4", "bf16", LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"],
+                                                             modules_to_save=["lm_head"]))
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.dtype == torch.float32, name
+        elif type(param).__name__ != "Params4bit" and "lora_A" not in name:
+            assert param.dtype == torch.bfloat16, name
+    # PEFT's prepare_model_for_kbit_training upcasts every frozen bf16 parameter.
+    theirs = peft.prepare_model_for_kbit_training(load_model(checkpoint, "nf4", "bf16"))
+    assert theirs.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_merge_requantizes_and_reports_rounding_error(checkpoint):
+    model = load_model(checkpoint, "nf4", torch.float32, config())
+    train_b(model, steps=2)
+    layer = model.lora_layers()[0]
+    backend, base = layer.backend, layer.base_layer
+    expected = backend.dequantized_weight(base).double() + layer.delta_weight().double()
+    merged, errors = merge_and_unload(model)
+    assert len(errors) == 14 and all(type(m) is bnb.nn.Linear4bit for m in merged.model.layers[0].mlp.children() if m._parameters)
+    # The merged layer holds W + s B A rounded to the nf4 grid; the reported error is exactly that rounding.
+    rounded = backend.dequantized_weight(base).double()
+    delta = layer.delta_weight().detach().double()
+    first = next(iter(errors))
+    assert errors[first] == pytest.approx(float((rounded - expected).norm() / delta.norm()), rel=1e-9)
+    assert 0 < (rounded - expected).abs().max() <= 0.2 * expected.abs().max()  # an nf4 step, not garbage
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_export_merged_writes_full_precision_shards(trained_nf4, checkpoint, tmp_path, quantization):
+    model, adapter_dir, _ = trained_nf4
+    out = export_merged(adapter_dir, checkpoint, tmp_path / "merged", quantization=quantization, dtype="fp32")
+    merged, base = load_file(str(out / "model.safetensors")), load_file(f"{checkpoint}/model.safetensors")
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    key = "model.layers.1.self_attn.v_proj.weight"
+    if quantization == "none":  # W + s B A in float64, stored in the checkpoint's fp32
+        expected = base[key].double() + layer.delta_weight().double()
+        torch.testing.assert_close(merged[key].double(), expected, rtol=0, atol=1e-6)
+    else:  # the weight the adapter was trained on: the round trip matches the loaded nf4 weight exactly
+        expected = layer.backend.dequantized_weight(layer.base_layer).double() + layer.delta_weight().double()
+        torch.testing.assert_close(merged[key].double(), expected, rtol=0, atol=1e-6)
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        torch.testing.assert_close(logits(full), logits(model), rtol=1e-4, atol=1e-4)
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    with pytest.raises(FileExistsError, match="merged"):
+        export_merged(adapter_dir, checkpoint, out)
+
+
+def test_bad_quantization_settings_fail_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="quantization must be one of"):
+        load_model(tmp_path, "int4")
+    with pytest.raises(ConfigError, match="quant_storage applies to 4-bit"):
+        load_model(tmp_path, "int8", quant_storage="bf16")
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        load_model(tmp_path, "nf4", "float8")
+    with pytest.raises(ConfigError, match="config.json"):
+        load_model(tmp_path, "nf4")
