@@ -1,0 +1,317 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for LoRA-FA models.
+
+FSDP2 shards every parameter as a DTensor along dim 0 and allows frozen and trainable parameters in one
+unit, so a frozen base, frozen A and trained B shard together: each decoder layer is one unit, the root
+(embeddings, final norm, head) another.
+
+Loading a big model without materializing it on any rank:
+
+    init_distributed()
+    model = load_sharded_model("path/to/hf_model", LoraFAConfig(...), dtype=torch.bfloat16)
+
+builds the model with its parameters on the meta device (buffers such as rotary frequencies stay real),
+injects the adapters, creates A and B from one seed so every rank holds the same A, computes the r x r
+gradient-correction buffer from that full A, shards, then streams the base weights: rank 0 reads one
+safetensors file at a time and broadcasts it, each rank keeping only its shard.
+
+Checkpoints (FSDPStrategy.save_checkpoint) are gathered, not sharded on disk: A and B in safetensors and
+the optimizer state gathered to full tensors keyed by parameter name (torch.save of tensors only, read back
+with weights_only=True). They are small (A, B and two Adam moments of B) and resume on any number of ranks.
+torch.distributed.checkpoint would write per-rank shards but reads its metadata with pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from . import peft_format
+from .config import ConfigError, LoraFAConfig
+from .model import LoraFAModel, get_peft_model
+from .strategy import ADAPTER_WEIGHTS_NAME, CLIENT_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, Strategy
+
+PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def init_distributed() -> torch.device:
+    """Join the process group torchrun describes (nccl on GPUs, gloo on CPU); return this rank's device."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a Hugging Face model (the classes its `_no_split_modules` names)."""
+    hf_model = model.get_base_model() if isinstance(model, LoraFAModel) else model
+    classes = set(getattr(hf_model, "_no_split_modules", None) or [])
+    layers = [m for m in hf_model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ConfigError(f"fsdp: found no decoder layers in {type(hf_model).__name__} (_no_split_modules={classes})")
+    return layers
+
+
+@torch.no_grad()
+def init_adapters(model: LoraFAModel, seed: int, device: torch.device | str = "cpu") -> None:
+    """(Re)create every adapter from `seed`: the same A on every rank, B = 0, the correction from the full A.
+
+    Adapters injected into a meta-device model are uninitialised; they are materialized on `device` first.
+    Call before sharding. The global RNG state is left as it was.
+    """
+    layers = model.lora_layers()
+    for layer in layers:
+        if layer.lora_A.weight.is_meta:
+            layer.lora_A.to_empty(device=device)
+            layer.lora_B.to_empty(device=device)
+            layer.b_grad_correction = torch.zeros(layer.r, layer.r, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in layers:
+            layer.reset_lora_parameters(model.config_lorafa.init_lora_weights)
+
+
+def shard_model(
+    model: LoraFAModel,
+    mixed_precision: str = "bf16",
+    cpu_offload: bool = False,
+    activation_checkpointing: bool = False,
+) -> LoraFAModel:
+    """fully_shard each decoder layer, then the root; return the model (changed in place).
+
+    mixed_precision: "bf16"/"fp16" all-gather parameters in that dtype and reduce gradients in fp32;
+    "fp32" keeps every parameter's own dtype (exact, for tests). Parameters are replaced by sharded ones:
+    build the optimizer afterwards (FSDPStrategy.setup re-points an existing one).
+    """
+    if mixed_precision not in PARAM_DTYPES:
+        raise ConfigError(f"fsdp: mixed_precision must be one of {list(PARAM_DTYPES)}, got {mixed_precision!r}")
+    if any(p.is_meta for layer in model.lora_layers() for p in layer.lora_B.parameters()):
+        raise ConfigError("fsdp: adapters are still on the meta device; call init_adapters(model, seed) first")
+    if activation_checkpointing:
+        # Hugging Face's own per-decoder-layer checkpointing keeps parameter names unchanged;
+        # non-reentrant recomputation restores the RNG state, so adapter dropout masks repeat exactly.
+        hf_model = model.get_base_model()
+        enable = getattr(hf_model, "activation_checkpointing_enable", None)  # the name since transformers 5.x
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    param_dtype = PARAM_DTYPES[mixed_precision]
+    options: dict[str, Any] = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    }
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def _checkpoint_keys(model: LoraFAModel) -> dict[str, list[str]]:
+    """{key in the Hugging Face checkpoint: names of the model's base parameters it fills}."""
+    keys: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        key = key.replace(".original_module.", ".").replace(".modules_to_save.default.", ".")
+        keys.setdefault(key, []).append(name)
+    return keys
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{single}: not found (lorafa-scale loads safetensors checkpoints only)")
+    return [single]
+
+
+def load_base_weights(model: LoraFAModel, directory) -> None:
+    """Collective: fill the sharded model's base weights from a Hugging Face safetensors checkpoint.
+
+    Rank 0 reads one file at a time (cast to the parameter's dtype) and broadcasts it tensor by tensor;
+    every rank keeps its shard. Peak memory on rank 0: one checkpoint file.
+    """
+    directory = Path(directory)
+    targets = _checkpoint_keys(model)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    files = _weight_files(directory) if dist.get_rank() == 0 else None
+    box = [files]
+    dist.broadcast_object_list(box, src=0)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    for path in box[0]:
+        state: dict[str, torch.Tensor] = {}
+        if dist.get_rank() == 0:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    for name in targets.get(key, []):
+                        state[name] = f.get_tensor(key).to(dtypes[name])
+        set_model_state_dict(model, state, options=options)
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ConfigError(f"{directory}: no weight for {missing[0]} in its safetensors files ({len(missing)} missing)")
+
+
+def load_sharded_model(
+    path,
+    lora_config: LoraFAConfig,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    **shard_options,
+) -> LoraFAModel:
+    """Collective: a sharded LoRA-FA causal LM from a local Hugging Face checkpoint, never whole on a rank.
+
+    shard_options go to shard_model (mixed_precision, cpu_offload, activation_checkpointing).
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'}: not found (expected a Hugging Face model directory)")
+    _weight_files(path)  # a missing checkpoint fails here, before any work
+    config = AutoConfig.from_pretrained(path)
+    device = init_distributed()
+    with init_empty_weights(include_buffers=False):
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = get_peft_model(hf_model, lora_config)
+    if lora_config.base_model_name_or_path is None:
+        lora_config.base_model_name_or_path = str(path)
+    init_adapters(model, seed, device)
+    shard_model(model, **shard_options)
+    load_base_weights(model, path)
+    return model
+
+
+# -- gathering and saving -----------------------------------------------------------------------------
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Collective for a DTensor: the whole tensor on CPU."""
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu").clone()
+
+
+def gather_adapter_state_dict(model: LoraFAModel) -> dict[str, torch.Tensor]:
+    """Collective: {PEFT key: full CPU tensor} of the adapter, on every rank."""
+    return {key: full_tensor(value) for key, value in model.adapter_state_dict().items()}
+
+
+def save_adapter(model: LoraFAModel, directory) -> None:
+    """Collective: gather the adapter and write it once (rank 0), in PEFT format."""
+    state = gather_adapter_state_dict(model)
+    if dist.get_rank() == 0:
+        fan_in_fan_out = any(layer.backend.fan_in_fan_out for layer in model.lora_layers())
+        peft_format.save_adapter(
+            directory, state, model.config_lorafa, model.base_model.resolved_target_modules(), fan_in_fan_out
+        )
+    dist.barrier()
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: LoraFAModel, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Collective: copy full adapter tensors (the same on every rank) into the sharded model."""
+    params = {peft_key: param for peft_key, param in model.adapter_state_dict().items()}
+    unknown = sorted(set(weights) ^ set(params))
+    if unknown:
+        raise peft_format.AdapterFormatError(f"{source}: adapter does not fit this model ({unknown[0]} ...)")
+    for key, param in params.items():
+        value = weights[key].to(param.dtype)
+        if isinstance(param, DTensor):
+            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+        param.copy_(value)
+    for layer in model.lora_layers():
+        layer.refresh_b_grad_correction()
+
+
+class FSDPStrategy(Strategy):
+    """Data-parallel training of a model sharded by shard_model (one process per device, torchrun)."""
+
+    name = "fsdp"
+
+    def __init__(self, args):
+        super().__init__(args.grad_accum, args.max_grad_norm)
+        self.mixed_precision = getattr(args, "fsdp_mixed_precision", "bf16")
+        self.cpu_offload = getattr(args, "fsdp_cpu_offload", False)
+        self.activation_checkpointing = getattr(args, "activation_checkpointing", False)
+        self._device = init_distributed()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def setup(self, model: LoraFAModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> nn.Module:
+        """Shard the model and point the (still stateless) optimizer at the sharded parameters."""
+        names = {id(p): name for name, p in model.named_parameters()}
+        if any(p.is_meta for p in model.parameters()):
+            raise ConfigError("fsdp: the model has meta parameters; build it with load_sharded_model")
+        if not isinstance(next(iter(model.parameters())), DTensor):
+            shard_model(model, self.mixed_precision, self.cpu_offload, self.activation_checkpointing)
+        sharded = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        return super().setup(model, optimizer, scheduler)
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return gather_adapter_state_dict(self.model)
+
+    def save_adapter(self, directory) -> None:
+        save_adapter(self.model, directory)
+
+    def save_checkpoint(self, directory, client_state: dict) -> None:
+        """Collective: the files Strategy.save_checkpoint writes, with everything gathered first."""
+        directory = Path(directory)
+        adapter = self.adapter_state_dict()
+        optimizer = get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.is_main():
+            save_file(adapter, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+            torch.save(optimizer, directory / OPTIMIZER_NAME)
+            if self.scheduler is not None:
+                torch.save(self.scheduler.state_dict(), directory / SCHEDULER_NAME)
+            (directory / CLIENT_STATE_NAME).write_text(json.dumps(client_state, indent=2) + "\n")
+        self.barrier()
+
+    def load_checkpoint(self, directory) -> dict:
+        """Collective: restore a checkpoint written with any number of ranks."""
+        directory = Path(directory)
+        load_adapter_state_dict(self.model, load_file(str(directory / ADAPTER_WEIGHTS_NAME)), str(directory))
+        optimizer = torch.load(directory / OPTIMIZER_NAME, weights_only=True) if self.is_main() else {}
+        set_optimizer_state_dict(
+            self.model, self.optimizer, optimizer,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_NAME, weights_only=True))
+        return json.loads((directory / CLIENT_STATE_NAME).read_text())

@@ -1,0 +1,139 @@
+"""FSDP2: 2 real processes on CPU (gloo) against a single-process run of the same training.
+
+Two torchrun launches (tests/workers/fsdp_train.py) serve every multi-process check: "train" (training,
+checkpoint, export, activation checkpointing on/off, a bf16 + CPU-offload step) and "resume".
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lorafa_scale import ConfigError, get_peft_model
+from lorafa_scale.fsdp import decoder_layers, init_adapters, load_sharded_model, shard_model
+from lorafa_scale.strategy import Strategy
+from tests.tiny_models import save_tiny_llama, tiny_llama
+from tests.workers.fsdp_train import LR, SEED, STEPS, global_batches, lora_config
+
+WORKER = Path(__file__).parent / "workers" / "fsdp_train.py"
+
+
+def run_workers(model_dir: Path, out: Path, phase: str) -> dict:
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(WORKER), str(model_dir), str(out), phase]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / f"{phase}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    model_dir = Path(save_tiny_llama(out / "model"))
+    return out, model_dir, run_workers(model_dir, out, "train"), run_workers(model_dir, out, "resume")
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    """The same training in one process: the whole global batch per step, no sharding."""
+    _, model_dir, _, _ = runs
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora_config())
+    init_adapters(model, SEED)
+    strategy = Strategy(grad_accum=1, max_grad_norm=1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    strategy.setup(model, strategy.make_optimizer(params, lr=LR, weight_decay=0.0), None)
+    losses = []
+    for step in range(STEPS):
+        ids = global_batches()[step]
+        loss = model(input_ids=ids, labels=ids).loss
+        strategy.backward(loss)
+        strategy.step()
+        losses.append(float(loss.detach()))
+    return model, losses
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_two_ranks_train_like_one_process(runs, reference):
+    out, _, train, _ = runs
+    model, losses = reference
+    assert train["world_size"] == 2
+    assert train["losses"] == pytest.approx(losses, rel=1e-5)
+    exported = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    expected = model.adapter_state_dict()
+    assert sorted(exported) == sorted(expected)
+    for key, tensor in exported.items():
+        if ".lora_A." in key:
+            assert torch.equal(tensor, expected[key]), key  # same seed: the same A on every rank
+        else:
+            assert expected[key].abs().max() > 0
+            assert relative_error(tensor, expected[key]) < 1e-5, key
+
+
+def test_base_and_adapters_are_sharded(runs):
+    _, _, train, _ = runs
+    assert train["q_proj_local_shape"] == [32, 64]  # q_proj is 64 x 64: half the rows per rank
+    assert train["q_proj_lora_A_local_shape"] == [2, 64]  # A is 4 x 64
+
+
+def test_exported_adapter_loads_in_peft(runs, reference):
+    from peft import PeftModel
+
+    out, model_dir, _, _ = runs
+    model, _ = reference
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    ids = global_batches()[0]
+    with torch.no_grad():
+        ours, theirs = model.eval()(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits
+        without_adapter = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=ids).logits
+    assert (theirs - without_adapter).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_equals_uninterrupted(runs):
+    out, _, train, resume = runs
+    assert resume["losses"] == train["losses"][2:]
+    uninterrupted = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(out / "adapter_resumed" / "adapter_model.safetensors"))
+    for key, tensor in uninterrupted.items():
+        assert torch.equal(resumed[key], tensor), key
+
+
+def test_activation_checkpointing_gives_same_gradients(runs):
+    _, _, train, _ = runs
+    assert (train["forward_calls_off"], train["forward_calls_on"]) == (1, 2)  # on: the layer ran again
+    assert train["grad_abs_max"] > 0
+    assert train["checkpointing_max_abs_diff"] <= 1e-7 * train["grad_abs_max"]
+
+
+def test_bf16_mixed_precision_with_cpu_offload_trains(runs):
+    bf16 = runs[2]["bf16"]
+    assert (bf16["base_dtype"], bf16["b_dtype"]) == ("torch.bfloat16", "torch.float32")
+    assert 0 < bf16["b_norm"] and torch.isfinite(torch.tensor(bf16["loss"]))
+
+
+# -- errors raised before any distributed work ------------------------------------------------------------
+def test_bad_model_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_sharded_model(tmp_path / "nowhere", lora_config())
+    tiny_llama().config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_sharded_model(tmp_path, lora_config())
+
+
+def test_bad_options_are_named():
+    model = get_peft_model(tiny_llama(), lora_config())
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        shard_model(model, mixed_precision="bf8")
+    assert len(decoder_layers(model)) == 2
+    with pytest.raises(ConfigError, match="no decoder layers"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

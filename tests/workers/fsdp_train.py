@@ -1,0 +1,125 @@
+"""FSDP2 worker for tests/test_fsdp.py, run as `torchrun --nproc_per_node 2 fsdp_train.py MODEL_DIR OUT PHASE`.
+
+PHASE "train": load the tiny model sharded from MODEL_DIR, train STEPS steps (checkpoint after
+CHECKPOINT_STEP), export the adapter, compare activation checkpointing on/off, run one bf16 mixed-precision
+step. PHASE "resume": load the checkpoint in a fresh process group and train the remaining steps.
+Rank 0 writes OUT/<phase>.json. The test imports lora_config() and global_batches() for its reference run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from lorafa_scale import LoraFAConfig
+from lorafa_scale.fsdp import FSDPStrategy, load_sharded_model
+
+SEED, STEPS, CHECKPOINT_STEP, LR = 7, 4, 2, 1e-2
+GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 128
+
+
+def lora_config(dropout: float = 0.0) -> LoraFAConfig:
+    return LoraFAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=dropout)
+
+
+def global_batches() -> list[torch.Tensor]:
+    """One (GLOBAL_BATCH x SEQ) token batch per step; each of W ranks takes its GLOBAL_BATCH / W rows."""
+    generator = torch.Generator().manual_seed(SEED)
+    return [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=generator) for _ in range(STEPS)]
+
+
+def rank_rows(batch: torch.Tensor) -> torch.Tensor:
+    return batch.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def make_strategy(model_dir: str, **shard_options) -> FSDPStrategy:
+    args = SimpleNamespace(grad_accum=1, max_grad_norm=1.0, fsdp_mixed_precision="fp32")
+    strategy = FSDPStrategy(args)
+    model = load_sharded_model(model_dir, lora_config(), dtype=torch.float32, seed=SEED,
+                               mixed_precision="fp32", **shard_options)
+    params = [p for p in model.parameters() if p.requires_grad]
+    strategy.setup(model, strategy.make_optimizer(params, lr=LR, weight_decay=0.0), None)
+    return strategy
+
+
+def train_steps(strategy: FSDPStrategy, steps: range) -> list[float]:
+    losses = []
+    batches = global_batches()
+    for step in steps:
+        ids = rank_rows(batches[step])
+        loss = strategy.model(input_ids=ids, labels=ids).loss
+        strategy.backward(loss)
+        strategy.step()
+        losses.append(float(strategy.all_reduce_mean(loss.detach())))
+    return losses
+
+
+def b_grads(model_dir: str, activation_checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
+    """Full gradients of every B after one backward with adapter dropout on (same RNG seed each time),
+    and how many times the first decoder layer ran forward (2 when its activations were recomputed)."""
+    config = lora_config(dropout=0.2)
+    model = load_sharded_model(model_dir, config, dtype=torch.float32, seed=SEED, mixed_precision="fp32",
+                               activation_checkpointing=activation_checkpointing)
+    model.train()
+    calls = []
+    model.get_base_model().model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(SEED + dist.get_rank())
+    ids = rank_rows(global_batches()[0])
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+
+def bf16_step(model_dir: str) -> dict:
+    """One step with the default policy (bf16 all-gather, fp32 reduce) on a bf16 base, with CPU offload."""
+    model = load_sharded_model(model_dir, lora_config(), dtype=torch.bfloat16, seed=SEED, cpu_offload=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    ids = rank_rows(global_batches()[0])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    return {
+        "loss": float(loss.detach()),
+        "b_dtype": str(params[0].dtype),
+        "base_dtype": str(model.get_base_model().model.layers[0].mlp.up_proj.weight.dtype),
+        "b_norm": float(sum(p.detach().full_tensor().float().norm() ** 2 for p in params) ** 0.5),
+    }
+
+
+def main(model_dir: str, out: str, phase: str) -> None:
+    out = Path(out)
+    strategy = make_strategy(model_dir)
+    result: dict = {"world_size": dist.get_world_size()}
+    if phase == "train":
+        result["losses"] = train_steps(strategy, range(CHECKPOINT_STEP))
+        checkpoint = out / "checkpoint"
+        if strategy.is_main():
+            checkpoint.mkdir()
+        strategy.barrier()
+        strategy.save_checkpoint(checkpoint, {"step": CHECKPOINT_STEP})
+        result["losses"] += train_steps(strategy, range(CHECKPOINT_STEP, STEPS))
+        strategy.save_adapter(out / "adapter")
+        (off, result["forward_calls_off"]), (on, result["forward_calls_on"]) = (
+            b_grads(model_dir, False), b_grads(model_dir, True))
+        result["checkpointing_max_abs_diff"] = max(float((off[n] - on[n]).abs().max()) for n in off)
+        result["grad_abs_max"] = max(float(g.abs().max()) for g in off.values())
+        q_proj = strategy.model.get_base_model().model.layers[0].self_attn.q_proj
+        result["q_proj_local_shape"] = list(q_proj.base_layer.weight.to_local().shape)
+        result["q_proj_lora_A_local_shape"] = list(q_proj.lora_A.weight.to_local().shape)
+        result["bf16"] = bf16_step(model_dir)
+    else:
+        client_state = strategy.load_checkpoint(out / "checkpoint")
+        result["losses"] = train_steps(strategy, range(client_state["step"], STEPS))
+        strategy.save_adapter(out / "adapter_resumed")
+    if strategy.is_main():
+        (out / f"{phase}.json").write_text(json.dumps(result, indent=2))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
