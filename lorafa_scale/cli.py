@@ -8,6 +8,7 @@ import sys
 # subcommand -> (module, function taking argv, one-line help)
 SUBCOMMANDS = {
     "demo": ("lorafa_scale.demo", "main", "a 20-second LoRA-FA demo on a tiny built-in model"),
+    "launch": ("lorafa_scale.launcher", "main", "write the Slurm job for a multi-node run of a preset"),
 }
 
 

@@ -1,0 +1,232 @@
+"""`lorafa-scale launch`: the exact multi-node Slurm job for a preset, with the batch-size arithmetic done.
+
+    lorafa-scale launch --preset llama-2-13b --nodes 2 --gpus-per-node 8 --global-batch 128 \\
+        --output-dir runs/13b -- --dataset data.jsonl
+
+writes runs/13b/slurm/job.sbatch: launch/slurm/deepspeed.sbatch (or fsdp.sbatch) with its #SBATCH values
+filled in and the training options set, then prints it, the gradient accumulation
+global / (micro x nodes x GPUs per node), the memory each GPU needs (planner.py), and each node's hostfile
+and launch command, obtained by running the script itself under a stand-in Slurm environment in dry-run
+mode (so what is printed is what the nodes run). --dry-run prints the same and writes nothing.
+Options after `--` go to launch/train.py unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+from .hostlist import expand_nodelist
+from .presets import GEOMETRIES, Preset, get_preset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO_ROOT / "launch" / "slurm"
+TEMPLATES = {"deepspeed": "deepspeed.sbatch", "fsdp": "fsdp.sbatch"}
+PLANNER_STRATEGY = {"deepspeed": "zero3", "fsdp": "fsdp2"}
+# A value on an #SBATCH line is taken literally (Slurm expands no shell variables there).
+SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+/=\[\]-]+$")
+
+
+def gradient_accumulation(global_batch: int, micro_batch: int, nodes: int, gpus_per_node: int) -> int:
+    """Micro-batches per optimizer step on each GPU: global / (micro x nodes x GPUs per node)."""
+    for name, value in (("global batch", global_batch), ("micro batch", micro_batch), ("nodes", nodes),
+                        ("GPUs per node", gpus_per_node)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    per_pass = micro_batch * nodes * gpus_per_node
+    if global_batch % per_pass:
+        below, above = global_batch // per_pass * per_pass, (global_batch // per_pass + 1) * per_pass
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise ConfigError(
+            f"global batch {global_batch} is not a multiple of micro batch {micro_batch} x {nodes} nodes x "
+            f"{gpus_per_node} GPUs per node = {per_pass}; use a global batch of {nearest}, or change the others")
+    return global_batch // per_pass
+
+
+def node_names(nodelist: str) -> list[str]:
+    try:
+        return expand_nodelist(nodelist)
+    except ValueError as err:
+        raise ConfigError(f"--nodelist: {err}") from None
+
+
+def parse_sbatch_options(script: str) -> dict[str, str]:
+    """{option: value} of the script's `#SBATCH --option=value` lines, in order ("" for a bare flag)."""
+    options = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            options[key.strip()] = value.strip()
+    return options
+
+
+def render_sbatch(template: str, options: dict[str, str], preamble: list[str]) -> str:
+    """The template with its #SBATCH block replaced by `options` and `preamble` lines right after it."""
+    lines = template.splitlines()
+    body_start = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH")) + 1
+    header = [line for line in lines[:body_start] if not line.startswith("#SBATCH")]
+    sbatch = [f"#SBATCH --{key}={value}" if value else f"#SBATCH --{key}" for key, value in options.items()]
+    return "\n".join(header + sbatch + preamble + lines[body_start:]) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorafa-scale launch", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    add = p.add_argument
+    add("--preset", choices=list(GEOMETRIES), help="model and its per-size defaults (lorafa_scale/presets.py)")
+    add("--model", help="Hugging Face id or local directory to train (default: the preset's Hugging Face id)")
+    add("--nodes", type=int, help="nodes in the job")
+    add("--gpus-per-node", type=int, default=8, help="GPUs (training processes) per node")
+    add("--global-batch", type=int, help="examples per optimizer step over all GPUs")
+    group = p.add_argument_group("overrides of the preset")
+    group.add_argument("--micro-batch", type=int, help="examples per forward pass on each GPU")
+    group.add_argument("--seq-len", type=int, help="tokens per example")
+    group.add_argument("--r", type=int, help="adapter rank")
+    group.add_argument("--lora-alpha", type=int, help="scaling numerator (s = lora_alpha / r)")
+    group.add_argument("--fast-adapter-rank", type=int, help="rows of A meant to be initialised from data")
+    group.add_argument("--target-modules", nargs="+", help="layer names to adapt, or all-linear")
+    group.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute activations in backward")
+    group.add_argument("--strategy", choices=list(TEMPLATES), help="deepspeed (ZeRO-3) or fsdp (FSDP2 via torchrun)")
+    group.add_argument("--deepspeed-config", help="DeepSpeed JSON config (default: the preset's, in ds_configs/)")
+    slurm = p.add_argument_group("Slurm")
+    slurm.add_argument("--time", default="24:00:00", help="time limit per attempt; the job requeues itself after it")
+    slurm.add_argument("--partition", help="#SBATCH --partition")
+    slurm.add_argument("--account", help="#SBATCH --account")
+    slurm.add_argument("--job-name", help="#SBATCH --job-name (default: lorafa-<preset>)")
+    slurm.add_argument("--nodelist", help="run on these nodes (Slurm host list, e.g. gpu[01-02]); also used to "
+                       "print the hostfile and each node's command with their real names")
+    slurm.add_argument("--master-port", type=int, help="rendezvous port on the head node (default 29500)")
+    slurm.add_argument("--warning-seconds", type=int, default=600,
+                       help="seconds before the time limit at which the trainer checkpoints (--signal)")
+    add("--output-dir", help="training output directory (default: runs/<preset>)")
+    add("--job-dir", help="where job.sbatch is written (default: <output-dir>/slurm)")
+    add("--overwrite", action="store_true", help="replace an existing job.sbatch")
+    add("--dry-run", action="store_true", help="print the job and write nothing")
+    return p
+
+
+def _preset(args) -> Preset:
+    overrides = dict(model=args.model, micro_batch=args.micro_batch, seq_len=args.seq_len, r=args.r,
+                     lora_alpha=args.lora_alpha, fast_adapter_rank=args.fast_adapter_rank,
+                     target_modules=args.target_modules, gradient_checkpointing=args.gradient_checkpointing,
+                     strategy=args.strategy, deepspeed_config=args.deepspeed_config)
+    preset = get_preset(args.preset, **overrides)
+    if preset.strategy not in TEMPLATES:
+        raise ConfigError(f"--strategy must be one of {tuple(TEMPLATES)} for a multi-node job, got {preset.strategy!r}")
+    return preset
+
+
+def _train_args(preset: Preset, args, extra: list[str]) -> list[str]:
+    targets = preset.target_modules if isinstance(preset.target_modules, list) else [preset.target_modules]
+    train = ["--model", preset.model, "--output-dir", args.output_dir,
+             "--micro-batch-size", str(preset.micro_batch), "--global-batch-size", str(args.global_batch),
+             "--seq-len", str(preset.seq_len), "--r", str(preset.r), "--lora-alpha", str(preset.lora_alpha),
+             "--fast-adapter-rank", str(preset.fast_adapter_rank), "--target-modules", *targets,
+             "--gradient-checkpointing" if preset.gradient_checkpointing else "--no-gradient-checkpointing"]
+    return train + extra
+
+
+def _sbatch_options(template: str, args, preset: Preset) -> dict[str, str]:
+    options = parse_sbatch_options(template)
+    options.update({"job-name": args.job_name or f"lorafa-{preset.name}", "nodes": str(args.nodes),
+                    "gpus-per-node": str(args.gpus_per_node), "time": args.time,
+                    "signal": f"B:USR1@{args.warning_seconds}", "chdir": os.getcwd(),
+                    "output": str(Path(args.job_dir).resolve() / "%x-%j.out"),
+                    "error": str(Path(args.job_dir).resolve() / "%x-%j.err")})
+    for key in ("partition", "account", "nodelist"):
+        if getattr(args, key):
+            options[key] = getattr(args, key)
+    for key, value in options.items():
+        if value and not SBATCH_VALUE.match(value):
+            raise ConfigError(f"#SBATCH --{key}={value}: Slurm takes these values literally; use no spaces, "
+                              "quotes or $variables")
+    return options
+
+
+def _memory_plan(preset: Preset, args) -> str:
+    from .planner import ALL_TARGETS, Job, format_plan, plan
+
+    targets = ALL_TARGETS if preset.target_modules == "all-linear" else tuple(preset.target_modules)
+    job = Job(geometry=preset.geometry, strategy=PLANNER_STRATEGY[preset.strategy], nodes=args.nodes,
+              gpus_per_node=args.gpus_per_node, micro_batch=preset.micro_batch, seq_len=preset.seq_len,
+              r=preset.r, targets=targets, gradient_checkpointing=preset.gradient_checkpointing)
+    return format_plan(plan(job))
+
+
+def node_commands(script: str, nodes: int, nodelist: str | None) -> str:
+    """Each node's hostfile and launch command: the script run with LORAFA_DRY_RUN=1 in a stand-in Slurm
+    environment (node names from `nodelist`, else node1..nodeN)."""
+    env = {**os.environ, "LORAFA_DRY_RUN": "1", "SLURM_JOB_ID": "JOBID", "SLURM_NNODES": str(nodes),
+           "SLURM_JOB_NODELIST": nodelist or f"node[1-{nodes}]", "SLURM_SUBMIT_DIR": str(REPO_ROOT)}
+    result = subprocess.run(["bash", "-s"], input=script, env=env, capture_output=True, text=True, timeout=120)
+    if result.returncode:
+        raise ConfigError(f"rendering the job failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(own)
+    try:
+        return _launch(args, extra, argv)
+    except ConfigError as err:
+        print(f"lorafa-scale launch: {err}", file=sys.stderr)
+        return 2
+
+
+def _launch(args, extra: list[str], argv: list[str]) -> int:
+    for name in ("preset", "nodes", "global_batch"):
+        if getattr(args, name) is None:
+            raise ConfigError(f"--{name.replace('_', '-')} is required")
+    preset = _preset(args)
+    accum = gradient_accumulation(args.global_batch, preset.micro_batch, args.nodes, args.gpus_per_node)
+    if args.nodelist and len(node_names(args.nodelist)) != args.nodes:
+        raise ConfigError(f"--nodelist {args.nodelist} names {len(node_names(args.nodelist))} nodes, "
+                          f"--nodes is {args.nodes}")
+    args.output_dir = args.output_dir or f"runs/{preset.name}"
+    args.job_dir = args.job_dir or str(Path(args.output_dir) / "slurm")
+    ds_config = None
+    if preset.strategy == "deepspeed":
+        # the preset's config is in the repository; one given on the command line is relative to here
+        ds_config = (Path(args.deepspeed_config) if args.deepspeed_config else REPO_ROOT / preset.deepspeed_config)
+        if not ds_config.is_file():
+            raise ConfigError(f"--deepspeed-config: {ds_config} not found")
+        ds_config = ds_config.resolve()
+    job_file = Path(args.job_dir) / "job.sbatch"
+    if job_file.exists() and not args.overwrite and not args.dry_run:
+        raise ConfigError(f"{job_file} exists; pass --overwrite to replace it, or choose another --job-dir")
+
+    template = (SLURM_DIR / TEMPLATES[preset.strategy]).read_text()
+    preamble = [f"# Written by: {shlex.join(['lorafa-scale', 'launch', *argv])}", f"export LORAFA_ROOT={shlex.quote(str(REPO_ROOT))}",
+                f"export GPUS_PER_NODE={args.gpus_per_node}"]
+    if ds_config is not None:
+        preamble.append(f"export LORAFA_DS_CONFIG={shlex.quote(str(ds_config))}")
+    if args.master_port:
+        preamble.append(f"export MASTER_PORT={args.master_port}")
+    preamble.append(f"set -- {shlex.join(_train_args(preset, args, extra))} \"$@\"")
+    script = render_sbatch(template, _sbatch_options(template, args, preset), preamble)
+    nodes_text = node_commands(script, args.nodes, args.nodelist)
+
+    world = args.nodes * args.gpus_per_node
+    print(f"{preset.name} ({preset.model}): LoRA-FA r={preset.r} alpha={preset.lora_alpha} "
+          f"fast_adapter_rank={preset.fast_adapter_rank}, {preset.strategy}, {args.nodes} nodes x "
+          f"{args.gpus_per_node} GPUs = {world} processes")
+    print(f"gradient accumulation = global {args.global_batch} / (micro {preset.micro_batch} x {args.nodes} nodes "
+          f"x {args.gpus_per_node} GPUs) = {accum}; {args.global_batch * preset.seq_len} tokens per step at most")
+    print(f"\n# memory per GPU (lorafa_scale/planner.py)\n{_memory_plan(preset, args)}")
+    print(f"\n# {job_file}\n{script}\n# what each node runs\n{nodes_text}")
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    job_file.parent.mkdir(parents=True, exist_ok=True)
+    job_file.write_text(script)
+    print(f"written {job_file}; submit with: sbatch {shlex.quote(str(job_file))}")
+    return 0
