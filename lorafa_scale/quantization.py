@@ -48,8 +48,9 @@ def bnb_config(quantization: str, dtype: torch.dtype | str = torch.bfloat16, dou
                quant_storage: torch.dtype | str | None = None):
     """The transformers BitsAndBytesConfig for `quantization` (None for "none").
 
-    dtype is the 4-bit compute dtype. quant_storage: the dtype 4-bit weights are packed into; set it to the
-    model dtype when ZeRO-3 or FSDP will shard the model, so the packed weights shard like the others.
+    dtype is the 4-bit compute dtype. quant_storage is the dtype 4-bit values are packed into (the bytes are
+    the same whatever it is); it defaults to dtype, the model dtype, because ZeRO-3 and FSDP shard and
+    gather the packed weights only when they have the same dtype as the other parameters.
     """
     from transformers import BitsAndBytesConfig
 
@@ -64,7 +65,7 @@ def bnb_config(quantization: str, dtype: torch.dtype | str = torch.bfloat16, dou
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_compute_dtype=resolve_dtype(dtype),
         bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_quant_storage=resolve_dtype(quant_storage) if quant_storage is not None else torch.uint8,
+        bnb_4bit_quant_storage=resolve_dtype(quant_storage if quant_storage is not None else dtype),
     )
 
 
