@@ -9,6 +9,7 @@ import sys
 SUBCOMMANDS = {
     "demo": ("lorafa_scale.demo", "main", "a 20-second LoRA-FA demo on a tiny built-in model"),
     "launch": ("lorafa_scale.launcher", "main", "write the Slurm job for a multi-node run of a preset"),
+    "plan": ("lorafa_scale.planner", "main", "per-GPU memory of a fine-tuning job, before renting GPUs"),
 }
 
 

@@ -1,0 +1,432 @@
+"""Memory planner: what a LoRA-FA (or LoRA) fine-tuning job needs per GPU, before renting the GPUs.
+
+    job = Job(geometry=load_geometry("llama-3-70b"), strategy="zero3", quantization="nf4", gpus_per_node=8)
+    print(format_plan(plan(job)))            # or: lorafa-scale plan llama-3-70b --strategy zero3 --quant nf4
+
+Activations: bytes autograd keeps for backward in a Llama decoder layer with a frozen base and flash-style
+attention (PyTorch SDPA or flash-attention: q, k, v, the output and a float32 log-sum-exp, never the s x s
+matrix), per token (h hidden, f intermediate, kv = kv heads x head_dim, d the dtype's bytes):
+
+    two RMSNorm inputs           2 (4h + 4)          transformers upcasts to float32 inside RMSNorm
+    q, k, v, attention output    (2h + 2kv) d + 4 heads
+    MLP gate, silu(gate), up     3f d
+    each adapted layer           LoRA-FA: r d        (A dropout(x), see layer.py)
+                                 LoRA: in 4 + in m + 4r   (dropout(x) upcast to float32, the dropout mask of
+                                 m bytes (1 on CUDA, 4 on CPU), and A x; with dropout 0 only x itself)
+
+The first layer's first norm and its q/k/v dropout masks keep nothing (their input needs no gradient).
+The model adds the final norm's input, rotary cos/sin, the float32 log-softmax of the logits and the labels.
+tests/test_planner.py checks this against saved_tensors_hooks on real training steps.
+
+Everything else is an estimate stated in its line: frozen base weights keep nothing of their input; trained
+adapter parameters are float32 with AdamW (4 bytes weight + 4 gradient + 8 optimizer state); A is float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .presets import GEOMETRIES, ModelGeometry
+
+GiB = 2**30
+STRATEGIES = ("single", "zero2", "zero3", "zero3-offload", "fsdp2", "fsdp2-offload")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# bitsandbytes 4-bit with double quantization: 4 bits + an 8-bit absmax per 64 values + a float32 per 256 absmax.
+NF4_BYTES_PER_VALUE = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+INT8_BYTES_PER_VALUE = 1  # plus one float32 scale per output row, counted separately
+LLAMA_LAYOUT_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class Job:
+    """One training job. targets: adapted linear layers of each decoder layer (names from ALL_TARGETS)."""
+
+    geometry: ModelGeometry
+    strategy: str = "single"
+    quantization: str = "none"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    micro_batch: int = 1
+    seq_len: int = 2048
+    r: int = 16
+    targets: tuple[str, ...] = ALL_TARGETS
+    method: str = "lorafa"  # "lorafa": A frozen, B trained; "lora": both trained (PEFT LoRA)
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    dtype: str = "bf16"
+    device: str = "cuda"  # "cpu" only changes the dropout mask's size (CPU keeps it in the input's dtype)
+    gpu_memory_gib: float = 80.0
+    reserve_gib: float = 1.0  # CUDA context, NCCL buffers, allocator fragmentation: an assumption
+
+    def __post_init__(self):
+        choices = {"strategy": STRATEGIES, "quantization": QUANTIZATIONS, "method": ("lorafa", "lora"),
+                   "dtype": tuple(DTYPE_BYTES), "device": ("cuda", "cpu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"plan: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("nodes", "gpus_per_node", "micro_batch", "seq_len", "r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"plan: {name} must be a positive integer, got {value!r}")
+        unknown = [t for t in self.targets if t not in ALL_TARGETS]
+        if unknown or not self.targets:
+            raise ConfigError(f"plan: targets must be a non-empty subset of {ALL_TARGETS}, got {list(self.targets)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"plan: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.quantization == "int8" and self.strategy in ("zero3", "zero3-offload", "fsdp2", "fsdp2-offload"):
+            raise ConfigError("plan: int8 weights cannot be sharded by ZeRO-3 or FSDP2; use nf4 (packed in the "
+                              "model dtype) or zero2")
+        if self.seq_len > self.geometry.max_position_embeddings:
+            raise ConfigError(f"plan: seq_len={self.seq_len} exceeds the model's max_position_embeddings="
+                              f"{self.geometry.max_position_embeddings}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+@dataclass
+class Plan:
+    """Per-GPU bytes by line, per-node CPU bytes for offload, and the verdict."""
+
+    job: Job
+    gpu: dict[str, int]
+    temporary: dict[str, int]
+    cpu_per_node: dict[str, int] = field(default_factory=dict)
+    load_peak: int = 0  # bytes on each GPU while loading, before sharding (0: never above the training total)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def fits(self) -> bool:
+        return max(self.gpu_total, self.load_peak) <= self.job.gpu_memory_gib * GiB
+
+    def to_dict(self) -> dict:
+        job = {k: v for k, v in dataclasses.asdict(self.job).items() if k != "geometry"}
+        job["model"] = self.job.geometry.hf_id
+        return {"job": job, "gpu_bytes": self.gpu, "temporary_bytes": self.temporary,
+                "gpu_total_bytes": self.gpu_total, "load_peak_bytes": self.load_peak,
+                "cpu_per_node_bytes": self.cpu_per_node, "fits": self.fits, "notes": self.notes}
+
+
+# -- model geometry -------------------------------------------------------------------------------------------
+def load_geometry(model: str) -> ModelGeometry:
+    """A preset name (lorafa_scale.presets.GEOMETRIES), or a Hugging Face config.json (the file or its folder)."""
+    if model in GEOMETRIES:
+        return GEOMETRIES[model]
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        close = difflib.get_close_matches(model, GEOMETRIES, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"plan: '{model}' is neither a preset ({', '.join(GEOMETRIES)}) nor a config.json{hint}")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"plan: {path}: not valid JSON (line {error.lineno})") from None
+    if config.get("model_type") not in LLAMA_LAYOUT_TYPES:
+        raise ConfigError(f"plan: {path}: model_type {config.get('model_type')!r} is not a Llama-layout model "
+                          f"({', '.join(LLAMA_LAYOUT_TYPES)})")
+    fields_ = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    for name in fields_:
+        if not isinstance(config.get(name), int):
+            raise ConfigError(f"plan: {path}: field '{name}' is missing or not an integer")
+    heads = config["num_attention_heads"]
+    if config.get("head_dim") not in (None, config["hidden_size"] // heads):
+        raise ConfigError(f"plan: {path}: head_dim={config['head_dim']} differs from hidden_size / "
+                          "num_attention_heads; the planner assumes they are equal")
+    return ModelGeometry(
+        hf_id=config.get("_name_or_path") or str(path.parent), **{name: config[name] for name in fields_},
+        num_key_value_heads=config.get("num_key_value_heads") or heads,
+        max_position_embeddings=config.get("max_position_embeddings", 2**31 - 1),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), model_type=config["model_type"],
+    )
+
+
+def kv_width(geometry: ModelGeometry) -> int:
+    return geometry.num_key_value_heads * geometry.head_dim
+
+
+def adapter_values(geometry: ModelGeometry, r: int, targets) -> tuple[int, int]:
+    """(values in all A matrices, values in all B matrices) for rank r on `targets` of every decoder layer."""
+    shapes = geometry.linear_shapes()
+    a = sum(r * shapes[t][0] for t in targets) * geometry.num_hidden_layers
+    b = sum(shapes[t][1] * r for t in targets) * geometry.num_hidden_layers
+    return a, b
+
+
+# -- activations (validated) ---------------------------------------------------------------------------------
+# Where each adapted layer sits in a decoder layer, in forward order. In the first layer nothing before the
+# first adapted layer needs a gradient (the embeddings are frozen), so autograd keeps nothing there.
+STAGE = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 4, "up_proj": 4, "down_proj": 5}
+ATTENTION, POST_NORM, MLP = 1.5, 3, 4.5  # stages of the attention kernel, the second norm, silu(gate) * up
+SHARED_INPUT = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
+                "gate_proj": "mlp input", "up_proj": "mlp input"}
+
+
+def activation_bytes_per_token(job: Job, first_layer: bool = False) -> float:
+    """Bytes one token keeps for backward in one decoder layer (no checkpointing)."""
+    g, d = job.geometry, DTYPE_BYTES[job.dtype]
+    h, f = g.hidden_size, g.intermediate_size
+    grad_from = min(STAGE[t] for t in job.targets) if first_layer else 0
+
+    def kept(stage: float) -> bool:  # does the input of the op at `stage` need a gradient?
+        return grad_from < stage
+
+    norm = 4 * h + 4  # transformers' RMSNorm keeps its input upcast to float32, and 1/rms
+    total = (0 if first_layer else norm) + (norm if kept(POST_NORM) else 0)
+    if kept(ATTENTION):
+        total += (2 * h + 2 * kv_width(g)) * d + 4 * g.num_attention_heads  # q, k, v, output, log-sum-exp
+    if kept(MLP):
+        total += 3 * f * d  # gate, silu(gate), up
+    return total + sum(adapter_bytes_per_token(job, t, kept(STAGE[t]), kept(ATTENTION)) for t in job.targets)
+
+
+def adapter_bytes_per_token(job: Job, target: str, input_needs_grad: bool, attention_kept: bool) -> float:
+    in_features, r, d = job.geometry.linear_shapes()[target][0], job.r, DTYPE_BYTES[job.dtype]
+    if job.method == "lorafa":
+        return r * d  # A dropout(x)
+    if job.lora_dropout > 0:  # dropout(x) upcast to float32, its mask, A x
+        mask = (1 if job.device == "cuda" else 4) if input_needs_grad else 0
+        return (4 + mask) * in_features + 4 * r
+    if job.dtype != "fp32":  # each adapter keeps its own float32 copy of x
+        return 4 * in_features + 4 * r
+    # float32 without dropout: A keeps x itself. An input shared by several adapters counts once (for the
+    # first of them); o_proj's input is the attention output, which the attention keeps when it is kept.
+    if target == "o_proj":
+        owns_input = not attention_kept
+    elif target in SHARED_INPUT:
+        owns_input = target == next(t for t in ALL_TARGETS if t in job.targets and SHARED_INPUT.get(t) == SHARED_INPUT[target])
+    else:
+        owns_input = True
+    return (4 * in_features if owns_input else 0) + 4 * r
+
+
+def model_activation_bytes(job: Job) -> float:
+    """Bytes kept outside the decoder layers: final norm, rotary cos/sin (per position), log-softmax, labels."""
+    g = job.geometry
+    per_token = (4 * g.hidden_size + 4) + 4 * g.vocab_size + 8
+    rotary_kept = g.num_hidden_layers > 1 or any(STAGE[t] < ATTENTION for t in job.targets)
+    rotary = job.seq_len * 2 * g.head_dim * DTYPE_BYTES[job.dtype] if rotary_kept else 0
+    return job.tokens * per_token + rotary + 4  # + the loss itself
+
+
+def kept_for_backward(job: Job) -> int:
+    """Bytes autograd keeps at the end of forward for one micro batch, without gradient checkpointing."""
+    layers = activation_bytes_per_token(job, first_layer=True)
+    layers += (job.geometry.num_hidden_layers - 1) * activation_bytes_per_token(job)
+    return round(job.tokens * layers + model_activation_bytes(job))
+
+
+def peak_activation_bytes(job: Job) -> int:
+    """Activation memory at its peak: all kept bytes, or with checkpointing the layer inputs + one layer."""
+    if not job.gradient_checkpointing:
+        return kept_for_backward(job)
+    g = job.geometry
+    layer_inputs = g.num_hidden_layers * g.hidden_size * DTYPE_BYTES[job.dtype]
+    recomputed = activation_bytes_per_token(job)
+    return round(job.tokens * (layer_inputs + recomputed) + model_activation_bytes(job))
+
+
+# -- the plan ------------------------------------------------------------------------------------------------
+def _base_weight_bytes(job: Job) -> tuple[int, int, int]:
+    """(decoder linear weights, one decoder layer, embeddings + head + norms) in their stored form."""
+    g, d = job.geometry, DTYPE_BYTES[job.dtype]
+    linear_values = sum(i * o for i, o in g.linear_shapes().values())
+    if job.quantization in ("nf4", "fp4"):
+        linear = linear_values * NF4_BYTES_PER_VALUE
+    elif job.quantization == "int8":
+        linear = linear_values * INT8_BYTES_PER_VALUE + 4 * sum(o for _, o in g.linear_shapes().values())
+    else:
+        linear = linear_values * d
+    layer = linear + 2 * g.hidden_size * d
+    outside = (g.num_parameters() - g.num_hidden_layers * (linear_values + 2 * g.hidden_size)) * d
+    return round(linear * g.num_hidden_layers), round(layer), round(outside)
+
+
+def plan(job: Job) -> Plan:
+    g, d = job.geometry, DTYPE_BYTES[job.dtype]
+    world = job.world_size
+    sharded = job.strategy in ("zero3", "zero3-offload", "fsdp2", "fsdp2-offload")
+    offload = job.strategy.endswith("-offload")
+    states_sharded = job.strategy != "single"  # ZeRO-2 and up partition gradients and optimizer state
+    linear, layer, outside = _base_weight_bytes(job)
+    base = linear + outside
+    a_values, b_values = adapter_values(g, job.r, job.targets)
+    trained = b_values + (a_values if job.method == "lora" else 0)
+    notes = []
+
+    gpu = {
+        "base weights": 0 if offload else base // (world if sharded else 1),
+        "adapter A": 0 if offload else 4 * a_values // (world if sharded else 1),
+        "adapter B": 0 if offload else 4 * b_values // (world if sharded else 1),
+        "gradients": 0 if offload else 4 * trained // (world if states_sharded else 1),
+        "optimizer state": 0 if offload else 8 * trained // (world if states_sharded else 1),
+        "activations": peak_activation_bytes(job),
+    }
+    head = g.vocab_size * g.hidden_size * d
+    temporary = {}
+    if job.strategy.startswith("zero3"):
+        temporary["gathered parameters"] = max(2 * layer, layer + head)  # current + prefetched layer, or the head
+    elif job.strategy.startswith("fsdp2"):
+        temporary["gathered parameters"] = 2 * layer + outside  # FSDP2 keeps the root (embeddings, head) unsharded
+    if job.quantization != "none":
+        largest = max(i * o for i, o in g.linear_shapes().values())
+        temporary["dequantized weight"] = largest * d  # bitsandbytes dequantizes one weight per matmul
+    if job.strategy.startswith("zero"):
+        temporary["gradient buckets"] = 4 * min(trained, g.hidden_size**2)  # reduce_bucket_size "auto" = h^2
+    temporary["logits and loss"] = job.tokens * g.vocab_size * (d + 8)  # logits, float32 upcast and its gradient
+    temporary["backward workspace"] = round(job.tokens * activation_bytes_per_token(job))  # one layer's gradients
+    gpu["temporary buffers"] = sum(temporary.values())
+    gpu["runtime reserve"] = round(job.reserve_gib * GiB)
+
+    cpu = {}
+    if offload:
+        per_node = job.gpus_per_node / world
+        cpu = {"base weights": round(base * per_node), "adapter A": round(4 * a_values * per_node),
+               "adapter B, gradients, optimizer state": round(16 * trained * per_node)}
+    load_peak = 0
+    if job.strategy.startswith("zero3") and job.quantization != "none":
+        # DeepSpeed's zero.Init does not apply to bitsandbytes models: each rank loads the whole quantized model.
+        load_peak = base + gpu["runtime reserve"]
+        notes.append("ZeRO-3 with a quantized base: every GPU holds the whole quantized model while loading")
+    if job.gradient_checkpointing and job.method == "lorafa":
+        notes.append("with gradient checkpointing LoRA-FA saves activations only in the recomputed layer; "
+                     "try without it")
+    return Plan(job, gpu, temporary, cpu, load_peak, notes)
+
+
+# -- the seed's table ----------------------------------------------------------------------------------------
+def seed_table(r: int = 16, targets=("q_proj", "v_proj")) -> list[dict]:
+    """The seed card's "Memory Efficiency" table, computed: adapter size and training state per named model."""
+    rows = []
+    for name, geometry in GEOMETRIES.items():
+        a, b = adapter_values(geometry, r, targets)
+        rows.append({"model": name, "base_parameters": geometry.num_parameters(), "adapter_parameters": a + b,
+                     "trained_parameters": b, "adapter_file_bytes": 4 * (a + b),
+                     "training_state_bytes": 4 * (a + b) + 12 * b})
+    return rows
+
+
+def format_seed_table(rows: list[dict], r: int, targets) -> str:
+    lines = [f"LoRA-FA adapter size, r={r} on {', '.join(targets)} (float32; trained = B only, with AdamW)",
+             "| Model | Base parameters | LoRA-FA parameters (A+B) | Trained (B) | Adapter file | Training state |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['base_parameters'] / 1e9:.2f}B | {row['adapter_parameters'] / 1e6:.1f}M"
+                     f" | {row['trained_parameters'] / 1e6:.1f}M | {row['adapter_file_bytes'] / 1e6:.0f} MB"
+                     f" | {row['training_state_bytes'] / 1e6:.0f} MB |")
+    return "\n".join(lines)
+
+
+def format_plan(result: Plan) -> str:
+    job = result.job
+    method = "LoRA-FA" if job.method == "lorafa" else "LoRA"
+    quant = f" + {job.quantization}" if job.quantization != "none" else ""
+    lines = [
+        f"{job.geometry.hf_id}: {job.strategy}{quant}, {job.nodes} node(s) x {job.gpus_per_node} GPU(s), "
+        f"micro batch {job.micro_batch} x {job.seq_len} tokens, {method} r={job.r} on {len(job.targets)} "
+        f"layer types, dropout {job.lora_dropout}, {job.dtype}, gradient checkpointing "
+        f"{'on' if job.gradient_checkpointing else 'off'}",
+        f"{'per GPU':<34}{'GiB':>9}",
+    ]
+    for name, value in result.gpu.items():
+        lines.append(f"  {name:<32}{value / GiB:9.2f}")
+        if name == "temporary buffers":
+            lines += [f"    {sub:<30}{part / GiB:9.2f}" for sub, part in result.temporary.items()]
+    lines.append(f"  {'total':<32}{result.gpu_total / GiB:9.2f}")
+    if result.load_peak:
+        lines.append(f"  {'while loading':<32}{result.load_peak / GiB:9.2f}")
+    for name, value in result.cpu_per_node.items():
+        lines.append(f"  CPU per node: {name:<18}{value / GiB:9.2f}")
+    if result.cpu_per_node:
+        lines.append(f"  {'CPU per node total':<32}{sum(result.cpu_per_node.values()) / GiB:9.2f}")
+    needed = max(result.gpu_total, result.load_peak) / GiB
+    verdict = "fits" if result.fits else "does NOT fit"
+    lines.append(f"{verdict} in {job.gpu_memory_gib:g} GiB per GPU ({needed:.2f} GiB needed)")
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)
+
+
+# -- measurement ---------------------------------------------------------------------------------------------
+def measure_kept_bytes(step, module: torch.nn.Module) -> int:
+    """Bytes of unique storages autograd keeps for backward while `step()` runs a forward pass.
+
+    The module's own parameters and buffers are not counted (they exist anyway). `step` should return the
+    loss; it is backpropagated so the graph is freed. This is the measured counterpart of kept_for_backward.
+    """
+    own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = step()
+    loss.backward()
+    return sum(kept.values())
+
+
+# -- command line --------------------------------------------------------------------------------------------
+def _targets(text: str) -> tuple[str, ...]:
+    return ALL_TARGETS if text == "all-linear" else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorafa-scale plan", description="Per-GPU memory of a fine-tuning job.")
+    parser.add_argument("model", nargs="?", help=f"preset ({', '.join(GEOMETRIES)}) or a config.json / its folder")
+    parser.add_argument("--strategy", default="single", choices=STRATEGIES)
+    parser.add_argument("--quant", default="none", choices=QUANTIZATIONS)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--targets", default="all-linear", help="all-linear or a comma list, e.g. q_proj,v_proj")
+    parser.add_argument("--method", default="lorafa", choices=("lorafa", "lora"))
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES))
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    parser.add_argument("--reserve-gib", type=float, default=1.0, help="CUDA context, NCCL, fragmentation")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--seed-table", action="store_true", help="print the seed card's memory table, computed")
+    args = parser.parse_args(argv)
+    try:
+        if args.seed_table:
+            targets = _targets(args.targets if args.targets != "all-linear" else "q_proj,v_proj")
+            rows = seed_table(args.r, targets)
+            print(json.dumps(rows, indent=2) if args.json else format_seed_table(rows, args.r, targets))
+            return 0
+        if args.model is None:
+            parser.error("a model (preset or config.json) is required unless --seed-table is given")
+        job = Job(load_geometry(args.model), args.strategy, args.quant, args.nodes, args.gpus_per_node,
+                  args.micro_batch, args.seq_len, args.r, _targets(args.targets), args.method, args.lora_dropout,
+                  args.gradient_checkpointing, args.dtype, "cuda", args.gpu_memory_gib, args.reserve_gib)
+        result = plan(job)
+    except ConfigError as error:
+        print(f"lorafa-scale plan: {error}")
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0 if result.fits else 1
