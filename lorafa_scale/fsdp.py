@@ -7,7 +7,7 @@ unit, so a frozen base, frozen A and trained B shard together: each decoder laye
 Loading a big model without materializing it on any rank:
 
     init_distributed()
-    model = load_sharded_model("path/to/hf_model", LoraFAConfig(...), dtype=torch.bfloat16)
+    model = load_model("path/to/hf_model", LoraFAConfig(...), dtype=torch.bfloat16)
 
 builds the model with its parameters on the meta device (buffers such as rotary frequencies stay real),
 injects the adapters, creates A and B from one seed so every rank holds the same A, computes the r x r
@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -49,6 +49,7 @@ from .model import LoraFAModel, get_peft_model
 from .strategy import ADAPTER_WEIGHTS_NAME, CLIENT_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, Strategy
 
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+INT8_REASON = "its scales are attributes of the weight tensor, which sharding drops"
 
 
 def init_distributed() -> torch.device:
@@ -118,6 +119,14 @@ def shard_model(
         else:
             hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     param_dtype = PARAM_DTYPES[mixed_precision]
+    if any(p.dtype == torch.int8 for p in model.parameters()):
+        raise ConfigError(f"fsdp: the model has 8-bit bitsandbytes layers, which FSDP2 cannot shard ({INT8_REASON})")
+    packed = {p.dtype for p in model.parameters() if hasattr(p, "quant_state")}  # bitsandbytes 4-bit weights
+    if param_dtype is not None and packed - {param_dtype}:
+        raise ConfigError(
+            f"fsdp: 4-bit weights are packed in {sorted(map(str, packed))}; mixed_precision={mixed_precision!r} "
+            f"would cast the packed bytes. Load with bnb_4bit_quant_storage={param_dtype} or use mixed_precision='fp32'"
+        )
     options: dict[str, Any] = {
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     }
@@ -177,31 +186,45 @@ def load_base_weights(model: LoraFAModel, directory) -> None:
         raise ConfigError(f"{directory}: no weight for {missing[0]} in its safetensors files ({len(missing)} missing)")
 
 
-def load_sharded_model(
+def load_model(
     path,
     lora_config: LoraFAConfig,
+    *,
     dtype: torch.dtype = torch.bfloat16,
+    quantization: str = "none",
     seed: int = 0,
+    trust_remote_code: bool = False,
     **shard_options,
 ) -> LoraFAModel:
-    """Collective: a sharded LoRA-FA causal LM from a local Hugging Face checkpoint, never whole on a rank.
+    """Collective: a sharded LoRA-FA causal LM from a local Hugging Face checkpoint.
 
-    shard_options go to shard_model (mixed_precision, cpu_offload, activation_checkpointing).
+    Unquantized, no rank ever holds the whole model (meta build, weights streamed from rank 0). With
+    quantization "nf4"/"fp4" each rank loads the 4-bit model (bitsandbytes quantizes while loading, which
+    needs real tensors), packed in `dtype`, then it is sharded. shard_options go to shard_model
+    (mixed_precision, cpu_offload, activation_checkpointing).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path / 'config.json'}: not found (expected a Hugging Face model directory)")
     _weight_files(path)  # a missing checkpoint fails here, before any work
-    config = AutoConfig.from_pretrained(path)
+    if quantization == "int8":
+        raise ConfigError(f"fsdp: quantization='int8' cannot be sharded by FSDP2 ({INT8_REASON}); use nf4 or fp4")
     device = init_distributed()
-    with init_empty_weights(include_buffers=False):
-        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = get_peft_model(hf_model, lora_config)
+    if quantization != "none":
+        from .quantization import load_model as load_quantized
+
+        model = load_quantized(path, quantization, dtype, lora_config, trust_remote_code=trust_remote_code)
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = get_peft_model(hf_model, lora_config)
     if lora_config.base_model_name_or_path is None:
         lora_config.base_model_name_or_path = str(path)
     init_adapters(model, seed, device)
     shard_model(model, **shard_options)
-    load_base_weights(model, path)
+    if quantization == "none":
+        load_base_weights(model, path)
     return model
 
 
@@ -246,28 +269,40 @@ def load_adapter_state_dict(model: LoraFAModel, weights: dict[str, torch.Tensor]
 
 
 class FSDPStrategy(Strategy):
-    """Data-parallel training of a model sharded by shard_model (one process per device, torchrun)."""
+    """Data-parallel training of a model sharded by shard_model (one process per device, torchrun).
+
+    The training loop builds the model inside model_init_context(), where parameters stay on the meta
+    device; setup() then creates the adapters from args.seed, shards, and streams the base weights from
+    args.model. A model built outside it (e.g. quantized, loaded on every rank) is sharded as it is.
+    Mixed precision follows args.dtype: bfloat16/float16 all-gather in that dtype and reduce in fp32.
+    """
 
     name = "fsdp"
 
     def __init__(self, args):
         super().__init__(args.grad_accum, args.max_grad_norm)
-        self.mixed_precision = getattr(args, "fsdp_mixed_precision", "bf16")
-        self.cpu_offload = getattr(args, "fsdp_cpu_offload", False)
-        self.activation_checkpointing = getattr(args, "activation_checkpointing", False)
+        self.args = args
+        self.mixed_precision = {"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, "fp32")
         self._device = init_distributed()
 
     @property
     def device(self) -> torch.device:
         return self._device
 
+    def model_init_context(self):
+        return init_empty_weights(include_buffers=False)
+
     def setup(self, model: LoraFAModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> nn.Module:
-        """Shard the model and point the (still stateless) optimizer at the sharded parameters."""
+        """Shard the model (loading it if built on meta) and point the still stateless optimizer at the
+        sharded parameters, which replace the original ones."""
         names = {id(p): name for name, p in model.named_parameters()}
-        if any(p.is_meta for p in model.parameters()):
-            raise ConfigError("fsdp: the model has meta parameters; build it with load_sharded_model")
-        if not isinstance(next(iter(model.parameters())), DTensor):
-            shard_model(model, self.mixed_precision, self.cpu_offload, self.activation_checkpointing)
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta:
+            init_adapters(model, self.args.seed, self.device)
+        if not isinstance(model, FSDPModule):
+            shard_model(model, self.mixed_precision)
+        if on_meta:
+            load_base_weights(model, self.args.model)
         sharded = dict(model.named_parameters())
         for group in optimizer.param_groups:
             group["params"] = [sharded[names[id(p)]] for p in group["params"]]

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lorafa_scale import ConfigError, get_peft_model
-from lorafa_scale.fsdp import decoder_layers, init_adapters, load_sharded_model, shard_model
+from lorafa_scale.fsdp import decoder_layers, init_adapters, load_model, shard_model
+from lorafa_scale.quantization import load_model as load_quantized
 from lorafa_scale.strategy import Strategy
 from tests.tiny_models import save_tiny_llama, tiny_llama
 from tests.workers.fsdp_train import LR, SEED, STEPS, global_batches, lora_config
@@ -60,7 +61,7 @@ def reference(runs):
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 def test_two_ranks_train_like_one_process(runs, reference):
@@ -121,19 +122,33 @@ def test_bf16_mixed_precision_with_cpu_offload_trains(runs):
     assert 0 < bf16["b_norm"] and torch.isfinite(torch.tensor(bf16["loss"]))
 
 
+def test_4bit_base_shards_and_gives_unsharded_gradients(runs):
+    nf4 = runs[2]["nf4"]
+    assert (nf4["packed_shape"], nf4["packed_local_shape"]) == ([512, 1], [256, 1])  # 64x64 nf4 in fp32 words
+    assert nf4["max_relative_error"] < 1e-5
+
+
 # -- errors raised before any distributed work ------------------------------------------------------------
 def test_bad_model_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_sharded_model(tmp_path / "nowhere", lora_config())
+        load_model(tmp_path / "nowhere", lora_config())
     tiny_llama().config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        load_sharded_model(tmp_path, lora_config())
+        load_model(tmp_path, lora_config())
 
 
-def test_bad_options_are_named():
+def test_bad_options_are_named(runs):
+    model_dir = runs[1]
     model = get_peft_model(tiny_llama(), lora_config())
     with pytest.raises(ConfigError, match="mixed_precision"):
         shard_model(model, mixed_precision="bf8")
     assert len(decoder_layers(model)) == 2
+    packed_in_fp32 = load_quantized(model_dir, "nf4", torch.float32, lora_config())
+    with pytest.raises(ConfigError, match="bnb_4bit_quant_storage=torch.bfloat16"):
+        shard_model(packed_in_fp32, mixed_precision="bf16")
+    with pytest.raises(ConfigError, match="8-bit"):
+        shard_model(load_quantized(model_dir, "int8", torch.float32, lora_config()), mixed_precision="fp32")
+    with pytest.raises(ConfigError, match="int8"):
+        load_model(model_dir, lora_config(), quantization="int8")
     with pytest.raises(ConfigError, match="no decoder layers"):
         decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

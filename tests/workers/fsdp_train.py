@@ -15,9 +15,11 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
-from lorafa_scale import LoraFAConfig
-from lorafa_scale.fsdp import FSDPStrategy, load_sharded_model
+from lorafa_scale import LoraFAConfig, get_peft_model
+from lorafa_scale.fsdp import FSDPStrategy, init_adapters, load_model
+from lorafa_scale.quantization import load_model as load_quantized
 
 SEED, STEPS, CHECKPOINT_STEP, LR = 7, 4, 2, 1e-2
 GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 128
@@ -37,11 +39,12 @@ def rank_rows(batch: torch.Tensor) -> torch.Tensor:
     return batch.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def make_strategy(model_dir: str, **shard_options) -> FSDPStrategy:
-    args = SimpleNamespace(grad_accum=1, max_grad_norm=1.0, fsdp_mixed_precision="fp32")
-    strategy = FSDPStrategy(args)
-    model = load_sharded_model(model_dir, lora_config(), dtype=torch.float32, seed=SEED,
-                               mixed_precision="fp32", **shard_options)
+def make_strategy(model_dir: str) -> FSDPStrategy:
+    """As the training loop does: build in the strategy's context (meta), then setup shards and loads."""
+    strategy = FSDPStrategy(SimpleNamespace(grad_accum=1, max_grad_norm=1.0, dtype="float32", seed=SEED,
+                                            model=model_dir))
+    with strategy.model_init_context():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora_config())
     params = [p for p in model.parameters() if p.requires_grad]
     strategy.setup(model, strategy.make_optimizer(params, lr=LR, weight_decay=0.0), None)
     return strategy
@@ -63,7 +66,7 @@ def b_grads(model_dir: str, activation_checkpointing: bool) -> tuple[dict[str, t
     """Full gradients of every B after one backward with adapter dropout on (same RNG seed each time),
     and how many times the first decoder layer ran forward (2 when its activations were recomputed)."""
     config = lora_config(dropout=0.2)
-    model = load_sharded_model(model_dir, config, dtype=torch.float32, seed=SEED, mixed_precision="fp32",
+    model = load_model(model_dir, config, dtype=torch.float32, seed=SEED, mixed_precision="fp32",
                                activation_checkpointing=activation_checkpointing)
     model.train()
     calls = []
@@ -76,7 +79,7 @@ def b_grads(model_dir: str, activation_checkpointing: bool) -> tuple[dict[str, t
 
 def bf16_step(model_dir: str) -> dict:
     """One step with the default policy (bf16 all-gather, fp32 reduce) on a bf16 base, with CPU offload."""
-    model = load_sharded_model(model_dir, lora_config(), dtype=torch.bfloat16, seed=SEED, cpu_offload=True)
+    model = load_model(model_dir, lora_config(), dtype=torch.bfloat16, seed=SEED, cpu_offload=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
     ids = rank_rows(global_batches()[0])
@@ -88,6 +91,26 @@ def bf16_step(model_dir: str) -> dict:
         "b_dtype": str(params[0].dtype),
         "base_dtype": str(model.get_base_model().model.layers[0].mlp.up_proj.weight.dtype),
         "b_norm": float(sum(p.detach().full_tensor().float().norm() ** 2 for p in params) ** 0.5),
+    }
+
+
+def nf4_grads(model_dir: str) -> dict:
+    """A 4-bit base (nf4 packed in fp32): B's gradients sharded on 2 ranks vs unsharded on the whole batch."""
+    ids = global_batches()[0]
+    reference = load_quantized(model_dir, "nf4", torch.float32, lora_config())
+    init_adapters(reference, SEED)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    model = load_model(model_dir, lora_config(), dtype=torch.float32, quantization="nf4", seed=SEED,
+                       mixed_precision="fp32")
+    ids = rank_rows(ids)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    packed = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    return {
+        "max_relative_error": max(float((grads[n] - g).norm() / g.norm()) for n, g in expected.items()),
+        "packed_local_shape": list(packed.to_local().shape),
+        "packed_shape": list(packed.shape),
     }
 
 
@@ -112,6 +135,7 @@ def main(model_dir: str, out: str, phase: str) -> None:
         result["q_proj_local_shape"] = list(q_proj.base_layer.weight.to_local().shape)
         result["q_proj_lora_A_local_shape"] = list(q_proj.lora_A.weight.to_local().shape)
         result["bf16"] = bf16_step(model_dir)
+        result["nf4"] = nf4_grads(model_dir)
     else:
         client_state = strategy.load_checkpoint(out / "checkpoint")
         result["losses"] = train_steps(strategy, range(client_state["step"], STEPS))
