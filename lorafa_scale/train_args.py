@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from .config import ConfigError
+from .deepspeed_config import read_ds_config
 
 QUANTIZATION_CHOICES = ("none", "int8", "nf4", "fp4")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -164,19 +165,6 @@ def _recipe_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     return argv
 
 
-def _check_json_config(path: str) -> None:
-    """Fail early on a missing or unparsable DeepSpeed config (the engine resolves its values later)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config: {path} not found")
-    try:
-        loaded = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--config {path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"--config {path}: expected a JSON object, got {type(loaded).__name__}")
-
-
 def _check(args: TrainArgs, world_size: int) -> None:
     positive = ["epochs", "micro_batch_size", "global_batch_size", "seq_len", "r", "log_every",
                 "max_nonfinite_steps", "keep_last"]
@@ -204,7 +192,7 @@ def _check(args: TrainArgs, world_size: int) -> None:
     if args.config is not None and args.fsdp:
         raise ConfigError("--config (DeepSpeed) and --fsdp choose two different engines; pass one")
     if args.config is not None:
-        _check_json_config(args.config)
+        read_ds_config(args.config)  # a missing or unparsable file fails now; "auto" is filled by the engine
     per_pass = args.micro_batch_size * world_size
     if args.global_batch_size % per_pass:
         raise ConfigError(
@@ -233,6 +221,8 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
         namespace.global_batch_size = namespace.micro_batch_size * world_size
     args = TrainArgs(**vars(namespace))
     _check(args, world_size)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     args.grad_accum = args.global_batch_size // (args.micro_batch_size * world_size)
     return args
 
