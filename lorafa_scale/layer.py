@@ -25,6 +25,8 @@ by exactly -lr G A^T A, the full fine-tuning step projected onto A's r direction
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +101,11 @@ def orthonormal_rows_(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+# The context LoraFALinear creates lora_A / lora_B in. A sharding engine may set it: DeepSpeed's zero.Init
+# partitions them as they are created (deepspeed_engine.py), and that engine then initialises them.
+ADAPTER_CREATION_CONTEXT: ContextVar = ContextVar("ADAPTER_CREATION_CONTEXT", default=nullcontext)
+
+
 class LoraFALinear(nn.Module):
     """A base linear layer plus a LoRA-FA adapter; the base layer is wrapped, never copied."""
 
@@ -126,12 +133,15 @@ class LoraFALinear(nn.Module):
         self.merged = False
         self.disabled = False
         device = backend.weight_device(base_layer)
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        with ADAPTER_CREATION_CONTEXT.get()():
+            self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+            self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.register_buffer("b_grad_correction", torch.zeros(r, r, device=device), persistent=False)
         self.dropout = nn.Dropout(lora_dropout)  # used only by the plain-LoRA path
         self.lora_A.weight.requires_grad_(not use_fast_adapter)
-        if device.type != "meta":
+        # Weights created on meta, or already partitioned (DeepSpeed zero.Init, numel 0), are initialised
+        # later by whoever materialises or gathers them.
+        if device.type != "meta" and self.lora_A.weight.numel() > 0:
             self.reset_lora_parameters(init_lora_weights)
 
     @torch.no_grad()

@@ -1,0 +1,158 @@
+"""2-rank DeepSpeed worker for tests/test_deepspeed_engine.py (run by torchrun, DS_ACCELERATOR=cpu).
+
+One run checks several things to pay DeepSpeed's start-up once:
+1. load_model under zero.Init (ZeRO-3) and export the initial adapter (for the single-process reference);
+2. train `steps` optimizer steps through DeepSpeedStrategy, checkpointing after `resume_at`, and export;
+3. build a fresh engine (a different A), resume from the checkpoint and finish; export again;
+4. (ZeRO-3) count gathered weight elements alive between forward and backward, with a leaking control;
+5. (ZeRO-3) B's gradient with reentrant and non-reentrant activation checkpointing vs none.
+Results go to <out>/result.json (rank 0) and adapter directories under <out>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from deepspeed.utils import safe_get_full_grad
+
+from lorafa_scale import LoraFAConfig
+from lorafa_scale.deepspeed_engine import DeepSpeedStrategy, load_model, save_adapter
+
+
+def ds_config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        # No persistence, reuse or prefetch: every weight is partitioned and freed right after use, so the count
+        # of gathered elements alive after forward measures the layer, not DeepSpeed's caching.
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+                              "stage3_prefetch_bucket_size": 0, "reduce_bucket_size": "auto"},
+        "steps_per_print": 10**9,
+    }
+
+
+def build(args, seed: int):
+    torch.manual_seed(seed)  # rank 0's draw decides A; a different seed gives a different A
+    lora = LoraFAConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    model, config = load_model(args.model, lora, ds_config(args.stage), dtype=torch.float32,
+                               micro_batch_size=args.micro, grad_accum=args.accum, max_grad_norm=args.clip)
+    strategy = DeepSpeedStrategy(SimpleNamespace(config=config, grad_accum=args.accum, max_grad_norm=args.clip,
+                                                 micro_batch_size=args.micro))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = strategy.make_optimizer(trainable, lr=args.lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
+    return model, strategy, optimizer, scheduler
+
+
+def train(strategy, engine, batches, steps, rank, micro):
+    losses, norms = [], []
+    for step in steps:
+        step_loss = 0.0
+        for ids in batches[step]:
+            mine = ids[rank * micro:(rank + 1) * micro]
+            loss = engine(input_ids=mine, labels=mine).loss
+            strategy.backward(loss)
+            step_loss += float(strategy.all_reduce_mean(loss.detach())) / len(batches[step])
+        norms.append(strategy.step())
+        losses.append(step_loss)
+    return losses, norms
+
+
+def gathered_alive_after_forward(engine, ids, leak_into=None) -> int:
+    """Elements of gathered weights still held after forward: parameter data plus weight-shaped saved tensors."""
+    params = list(engine.module.parameters())
+    shapes = {tuple(p.ds_shape) for p in params} | {tuple(reversed(p.ds_shape)) for p in params}
+    saved = []
+    if leak_into is not None:  # control: a base layer whose forward saves a view of its gathered weight
+        leak_into.forward = lambda x: F.linear(x, leak_into.weight.view_as(leak_into.weight))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = engine(input_ids=ids, labels=ids).loss
+    alive = sum(p.data.numel() for p in params)
+    storages = {t.untyped_storage().data_ptr(): t for t in saved
+                if not isinstance(t, torch.nn.Parameter) and tuple(t.shape) in shapes}
+    alive += sum(t.untyped_storage().nbytes() // t.element_size() for t in storages.values())
+    engine.backward(loss)
+    engine.optimizer.zero_grad(set_to_none=True)
+    if leak_into is not None:
+        del leak_into.forward
+    return alive
+
+
+def b_grads(engine, model, ids, checkpointing: dict | None) -> tuple[torch.Tensor, int]:
+    """(B's gradient, number of tensors autograd kept outside checkpointed regions) for one backward."""
+    hf_model = model.get_base_model()
+    if checkpointing is None:
+        hf_model.gradient_checkpointing_disable()
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        hf_model.enable_input_require_grads()
+    hf_model.train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    grads = [safe_get_full_grad(layer.lora_B.weight).flatten() for layer in model.lora_layers()]
+    engine.optimizer.zero_grad(set_to_none=True)
+    return torch.cat(grads), len(saved)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--batches", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--accum", type=int, default=2)
+    parser.add_argument("--resume-at", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--clip", type=float, default=0.5)
+    args = parser.parse_args()
+    out = Path(args.out)
+    batches = torch.load(args.batches, weights_only=True)
+    steps = len(batches)
+
+    model, strategy, optimizer, scheduler = build(args, seed=1)
+    rank = strategy.rank
+    save_adapter(model, out / "initial_adapter")  # gathered before any engine exists
+    engine = strategy.setup(model, optimizer, scheduler)
+    losses, norms = train(strategy, engine, batches, range(args.resume_at), rank, args.micro)
+    checkpoint = out / "checkpoint"
+    checkpoint.mkdir(exist_ok=True)
+    strategy.save_checkpoint(checkpoint, {"step": args.resume_at})
+    more_losses, more_norms = train(strategy, engine, batches, range(args.resume_at, steps), rank, args.micro)
+    strategy.save_adapter(out / "final_adapter")
+    managed = getattr(engine.optimizer, "fp16_groups", None) or engine.optimizer.bit16_groups  # ZeRO-3 / ZeRO-2
+    result = {"losses": losses + more_losses, "grad_norms": norms + more_norms,
+              "optimizer_params": sum(getattr(p, "ds_numel", p.numel()) for group in managed for p in group),
+              "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)}
+
+    model, strategy, optimizer, scheduler = build(args, seed=2)
+    engine = strategy.setup(model, optimizer, scheduler)
+    client_state = strategy.load_checkpoint(checkpoint)
+    resumed_losses, _ = train(strategy, engine, batches, range(client_state["step"], steps), rank, args.micro)
+    strategy.save_adapter(out / "resumed_adapter")
+    result["resumed_losses"] = resumed_losses
+
+    if args.stage == 3:
+        ids = batches[0][0][rank * args.micro:(rank + 1) * args.micro]
+        leaky = model.lora_layers()[-1].base_layer  # its input needs a gradient, so F.linear keeps the weight
+        result["alive_after_forward"] = gathered_alive_after_forward(engine, ids)
+        result["alive_after_forward_leaky_control"] = gathered_alive_after_forward(engine, ids, leak_into=leaky)
+        plain, result["saved_tensors_without_checkpointing"] = b_grads(engine, model, ids, None)
+        for name, kwargs in (("reentrant", {"use_reentrant": True}), ("non_reentrant", {"use_reentrant": False})):
+            grads, result[f"saved_tensors_with_{name}_checkpointing"] = b_grads(engine, model, ids, kwargs)
+            result[f"checkpointing_{name}_rel_diff"] = float((grads - plain).norm() / plain.norm())
+    if rank == 0:
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
