@@ -1,12 +1,14 @@
 """FSDP2: 2 real processes on CPU (gloo) against a single-process run of the same training.
 
-Two torchrun launches (tests/workers/fsdp_train.py) serve every multi-process check: "train" (training,
-checkpoint, export, activation checkpointing on/off, a bf16 + CPU-offload step) and "resume".
+One torchrun launch of tests/workers/fsdp_train.py serves the library checks (training, export, activation
+checkpointing on/off, a bf16 + CPU-offload step, a 4-bit base); two of launch/train.py --fsdp check the
+training script end to end (an uninterrupted run, then one resumed from its middle checkpoint).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,33 +20,51 @@ from transformers import AutoModelForCausalLM
 
 from lorafa_scale import ConfigError, get_peft_model
 from lorafa_scale.fsdp import decoder_layers, init_adapters, load_model, shard_model
+from lorafa_scale.metrics import read_metrics
 from lorafa_scale.quantization import load_model as load_quantized
 from lorafa_scale.strategy import Strategy
 from tests.tiny_models import save_tiny_llama, tiny_llama
 from tests.workers.fsdp_train import LR, SEED, STEPS, global_batches, lora_config
 
-WORKER = Path(__file__).parent / "workers" / "fsdp_train.py"
+ROOT = Path(__file__).parents[1]
+WORKER = ROOT / "tests" / "workers" / "fsdp_train.py"
+TRAIN = ROOT / "launch" / "train.py"
 
 
-def run_workers(model_dir: Path, out: Path, phase: str) -> dict:
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(WORKER), str(model_dir), str(out), phase]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+def torchrun(*argv) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, argv)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((out / f"{phase}.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """(output dir, model dir, what the worker's rank 0 reported)."""
     out = tmp_path_factory.mktemp("fsdp")
     model_dir = Path(save_tiny_llama(out / "model"))
-    return out, model_dir, run_workers(model_dir, out, "train"), run_workers(model_dir, out, "resume")
+    torchrun(WORKER, model_dir, out)
+    return out, model_dir, json.loads((out / "train.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """`torchrun launch/train.py --fsdp`, 4 steps with checkpoints, then resumed from step 2 (dropout on)."""
+    out = tmp_path_factory.mktemp("fsdp_trainer")
+    run = out / "run"
+    options = ["--fsdp", "--max-steps", "4", "--save-every", "2", "--keep-last", "3", "--lora-dropout", "0.1",
+               "--output-dir", run]
+    torchrun(TRAIN, *options)
+    shutil.copytree(run / "adapter", out / "uninterrupted")
+    uninterrupted = read_metrics(run / "metrics.jsonl")
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    torchrun(TRAIN, *options, "--resume", run / "checkpoints" / "step-2")
+    return out, uninterrupted, read_metrics(run / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")
 def reference(runs):
     """The same training in one process: the whole global batch per step, no sharding."""
-    _, model_dir, _, _ = runs
+    _, model_dir, _ = runs
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora_config())
     init_adapters(model, SEED)
     strategy = Strategy(grad_accum=1, max_grad_norm=1.0)
@@ -65,7 +85,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_two_ranks_train_like_one_process(runs, reference):
-    out, _, train, _ = runs
+    out, _, train = runs
     model, losses = reference
     assert train["world_size"] == 2
     assert train["losses"] == pytest.approx(losses, rel=1e-5)
@@ -81,7 +101,7 @@ def test_two_ranks_train_like_one_process(runs, reference):
 
 
 def test_base_and_adapters_are_sharded(runs):
-    _, _, train, _ = runs
+    train = runs[2]
     assert train["q_proj_local_shape"] == [32, 64]  # q_proj is 64 x 64: half the rows per rank
     assert train["q_proj_lora_A_local_shape"] == [2, 64]  # A is 4 x 64
 
@@ -89,7 +109,7 @@ def test_base_and_adapters_are_sharded(runs):
 def test_exported_adapter_loads_in_peft(runs, reference):
     from peft import PeftModel
 
-    out, model_dir, _, _ = runs
+    out, model_dir, _ = runs
     model, _ = reference
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
     ids = global_batches()[0]
@@ -100,17 +120,29 @@ def test_exported_adapter_loads_in_peft(runs, reference):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_equals_uninterrupted(runs):
-    out, _, train, resume = runs
-    assert resume["losses"] == train["losses"][2:]
-    uninterrupted = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    resumed = load_file(str(out / "adapter_resumed" / "adapter_model.safetensors"))
-    for key, tensor in uninterrupted.items():
-        assert torch.equal(resumed[key], tensor), key
+def test_train_script_resumes_exactly(trainer_runs):
+    out, uninterrupted, resumed = trainer_runs
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in uninterrupted]
+    expected = load_file(str(out / "uninterrupted" / "adapter_model.safetensors"))
+    got = load_file(str(out / "run" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+
+
+def test_train_script_adapter_loads_in_peft(trainer_runs):
+    from peft import PeftModel
+
+    out = trainer_runs[0]
+    base = AutoModelForCausalLM.from_pretrained(out / "run" / "base_model")
+    peft_model = PeftModel.from_pretrained(base, out / "run" / "adapter")
+    assert any(float(p.abs().max()) > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
 
 
 def test_activation_checkpointing_gives_same_gradients(runs):
-    _, _, train, _ = runs
+    train = runs[2]
     assert (train["forward_calls_off"], train["forward_calls_on"]) == (1, 2)  # on: the layer ran again
     assert train["grad_abs_max"] > 0
     assert train["checkpointing_max_abs_diff"] <= 1e-7 * train["grad_abs_max"]

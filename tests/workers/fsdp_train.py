@@ -1,9 +1,9 @@
-"""FSDP2 worker for tests/test_fsdp.py, run as `torchrun --nproc_per_node 2 fsdp_train.py MODEL_DIR OUT PHASE`.
+"""FSDP2 worker for tests/test_fsdp.py: `torchrun --nproc_per_node 2 fsdp_train.py MODEL_DIR OUT`.
 
-PHASE "train": load the tiny model sharded from MODEL_DIR, train STEPS steps (checkpoint after
-CHECKPOINT_STEP), export the adapter, compare activation checkpointing on/off, run one bf16 mixed-precision
-step. PHASE "resume": load the checkpoint in a fresh process group and train the remaining steps.
-Rank 0 writes OUT/<phase>.json. The test imports lora_config() and global_batches() for its reference run.
+Loads the tiny model sharded from MODEL_DIR the way the training loop does, trains STEPS steps, exports the
+adapter, compares activation checkpointing on/off, runs one bf16 mixed-precision step with CPU offload and
+checks a 4-bit base. Rank 0 writes OUT/train.json. The test imports lora_config() and global_batches() for
+its single-process reference run.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lorafa_scale import LoraFAConfig, get_peft_model
 from lorafa_scale.fsdp import FSDPStrategy, init_adapters, load_model
 from lorafa_scale.quantization import load_model as load_quantized
 
-SEED, STEPS, CHECKPOINT_STEP, LR = 7, 4, 2, 1e-2
+SEED, STEPS, LR = 7, 4, 1e-2
 GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 128
 
 
@@ -114,36 +114,24 @@ def nf4_grads(model_dir: str) -> dict:
     }
 
 
-def main(model_dir: str, out: str, phase: str) -> None:
+def main(model_dir: str, out: str) -> None:
     out = Path(out)
     strategy = make_strategy(model_dir)
-    result: dict = {"world_size": dist.get_world_size()}
-    if phase == "train":
-        result["losses"] = train_steps(strategy, range(CHECKPOINT_STEP))
-        checkpoint = out / "checkpoint"
-        if strategy.is_main():
-            checkpoint.mkdir()
-        strategy.barrier()
-        strategy.save_checkpoint(checkpoint, {"step": CHECKPOINT_STEP})
-        result["losses"] += train_steps(strategy, range(CHECKPOINT_STEP, STEPS))
-        strategy.save_adapter(out / "adapter")
-        (off, result["forward_calls_off"]), (on, result["forward_calls_on"]) = (
-            b_grads(model_dir, False), b_grads(model_dir, True))
-        result["checkpointing_max_abs_diff"] = max(float((off[n] - on[n]).abs().max()) for n in off)
-        result["grad_abs_max"] = max(float(g.abs().max()) for g in off.values())
-        q_proj = strategy.model.get_base_model().model.layers[0].self_attn.q_proj
-        result["q_proj_local_shape"] = list(q_proj.base_layer.weight.to_local().shape)
-        result["q_proj_lora_A_local_shape"] = list(q_proj.lora_A.weight.to_local().shape)
-        result["bf16"] = bf16_step(model_dir)
-        result["nf4"] = nf4_grads(model_dir)
-    else:
-        client_state = strategy.load_checkpoint(out / "checkpoint")
-        result["losses"] = train_steps(strategy, range(client_state["step"], STEPS))
-        strategy.save_adapter(out / "adapter_resumed")
+    result = {"world_size": dist.get_world_size(), "losses": train_steps(strategy, range(STEPS))}
+    strategy.save_adapter(out / "adapter")
+    (off, result["forward_calls_off"]), (on, result["forward_calls_on"]) = (
+        b_grads(model_dir, False), b_grads(model_dir, True))
+    result["checkpointing_max_abs_diff"] = max(float((off[n] - on[n]).abs().max()) for n in off)
+    result["grad_abs_max"] = max(float(g.abs().max()) for g in off.values())
+    q_proj = strategy.model.get_base_model().model.layers[0].self_attn.q_proj
+    result["q_proj_local_shape"] = list(q_proj.base_layer.weight.to_local().shape)
+    result["q_proj_lora_A_local_shape"] = list(q_proj.lora_A.weight.to_local().shape)
+    result["bf16"] = bf16_step(model_dir)
+    result["nf4"] = nf4_grads(model_dir)
     if strategy.is_main():
-        (out / f"{phase}.json").write_text(json.dumps(result, indent=2))
+        (out / "train.json").write_text(json.dumps(result, indent=2))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:3])
