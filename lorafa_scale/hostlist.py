@@ -13,8 +13,11 @@ import sys
 def expand_nodelist(nodelist: str) -> list[str]:
     """Host names of a Slurm node list, in order: "gpu[01-03,07],login1" -> gpu01 gpu02 gpu03 gpu07 login1;
     "r[1-2]n[1-2]" -> r1n1 r1n2 r2n1 r2n2. A malformed list raises ValueError naming it."""
+    item_pattern = r"(?:[^,\[\]]|\[[^\[\]]*\])+"  # names and [ranges], up to a comma outside brackets
+    if not re.fullmatch(rf"{item_pattern}(?:,{item_pattern})*", nodelist):
+        raise ValueError(f"node list '{nodelist}' is not a Slurm host list such as gpu[01-04],cpu7")
     hosts = []
-    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+    for item in re.findall(item_pattern, nodelist):
         names = [""]
         for text, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
             suffixes = [text]
@@ -22,8 +25,6 @@ def expand_nodelist(nodelist: str) -> list[str]:
                 suffixes = [text + n for part in ranges.split(",") for n in _expand_range(part, nodelist)]
             names = [name + suffix for name in names for suffix in suffixes]
         hosts += names
-    if not hosts or any(not h or "[" in h or "]" in h for h in hosts):
-        raise ValueError(f"node list '{nodelist}' is not a Slurm host list such as gpu[01-04],cpu7")
     return hosts
 
 

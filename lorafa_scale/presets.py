@@ -148,9 +148,12 @@ def get_preset(name: str, **overrides) -> Preset:
             raise ConfigError(f"preset: unknown field '{key}' (overridable: {', '.join(sorted(_OVERRIDABLE))})")
     geometry = GEOMETRIES[name]
     size = size_defaults(geometry.num_parameters())
+    # A new r brings the table's alpha = 2r and fast_adapter_rank = r/4 along, unless those are given too.
+    r = overrides.get("r")
+    r = r if isinstance(r, int) and not isinstance(r, bool) and r > 0 else size.r  # a bad r fails in _check
     preset = Preset(
-        name=name, model=geometry.hf_id, geometry=geometry, r=size.r, lora_alpha=size.lora_alpha,
-        fast_adapter_rank=size.fast_adapter_rank, micro_batch=size.micro_batch,
+        name=name, model=geometry.hf_id, geometry=geometry, r=r, lora_alpha=size.lora_alpha * r // size.r,
+        fast_adapter_rank=size.fast_adapter_rank * r // size.r, micro_batch=size.micro_batch,
         seq_len=min(4096, geometry.max_position_embeddings), gradient_checkpointing=size.gradient_checkpointing,
     )
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})

@@ -72,11 +72,19 @@ def test_every_field_is_overridable():
     assert get_preset("llama-2-13b", r=None).r == 48  # None keeps the default (unset command-line options)
 
 
+def test_a_new_rank_brings_the_tables_alpha_and_fast_rank():
+    preset = get_preset("llama-3-70b", r=32)
+    assert (preset.r, preset.lora_alpha, preset.fast_adapter_rank) == (32, 64, 8)
+    preset = get_preset("llama-3-70b", r=32, lora_alpha=32, fast_adapter_rank=0)
+    assert (preset.r, preset.lora_alpha, preset.fast_adapter_rank) == (32, 32, 0)
+
+
 @pytest.mark.parametrize("name, overrides, message", [
     ("llama-2-14b", {}, "unknown model 'llama-2-14b'; did you mean 'llama-2-13b'?"),
     ("llama-2-13b", {"rank": 8}, "unknown field 'rank'"),
     ("llama-2-13b", {"seq_len": 8192}, "seq_len=8192 exceeds the model's max_position_embeddings=4096"),
     ("llama-2-13b", {"micro_batch": 0}, "micro_batch must be a positive integer, got 0"),
+    ("llama-2-13b", {"r": 0}, "r must be a positive integer, got 0"),
     ("llama-2-13b", {"strategy": "ddp"}, "strategy must be one of"),
     ("llama-2-13b", {"fast_adapter_rank": 64}, "fast_adapter_rank must be between 0 and r=48"),
 ])
