@@ -2,13 +2,15 @@
 
 One torchrun launch of tests/workers/fsdp_train.py serves the library checks (training, export, activation
 checkpointing on/off, a bf16 + CPU-offload step, a 4-bit base); two of launch/train.py --fsdp check the
-training script end to end (an uninterrupted run, then one resumed from its middle checkpoint).
+training script end to end (an uninterrupted run started by accelerate with launch/accelerate_fsdp.yaml, then
+one resumed from its middle checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +33,24 @@ WORKER = ROOT / "tests" / "workers" / "fsdp_train.py"
 TRAIN = ROOT / "launch" / "train.py"
 
 
-def torchrun(*argv) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, argv)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+ACCELERATE_CONFIG = ROOT / "launch" / "accelerate_fsdp.yaml"
+
+
+def run(command: list) -> None:
+    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def torchrun(*argv) -> None:
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv])
+
+
+def accelerate_launch(*argv) -> None:
+    with socket.socket() as s:  # a free port: other jobs on this machine may hold accelerate's default
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE_CONFIG,
+         "--num_processes", "2", "--main_process_port", port, *argv])
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +64,13 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
-    """`torchrun launch/train.py --fsdp`, 4 steps with checkpoints, then resumed from step 2 (dropout on)."""
+    """launch/train.py --fsdp: 4 steps with checkpoints started by `accelerate launch` with our config,
+    then resumed from step 2 under torchrun (adapter dropout on)."""
     out = tmp_path_factory.mktemp("fsdp_trainer")
     run = out / "run"
     options = ["--fsdp", "--max-steps", "4", "--save-every", "2", "--keep-last", "3", "--lora-dropout", "0.1",
                "--output-dir", run]
-    torchrun(TRAIN, *options)
+    accelerate_launch(TRAIN, *options)
     shutil.copytree(run / "adapter", out / "uninterrupted")
     uninterrupted = read_metrics(run / "metrics.jsonl")
     shutil.rmtree(run / "checkpoints" / "step-4")
