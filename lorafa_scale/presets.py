@@ -89,13 +89,14 @@ class SizeDefaults:
 
 # (smallest nominal size in billions, defaults). Nominal sizes from 1B up are whole billions (see
 # nominal_billions), so the seed's rows "<1B", "1B-7B", "7B-13B", ">13B" start at 0, 1, 7 and 14; a 7B model
-# takes the 7B-13B row, whose name it shares with 1B-7B. Rank/alpha/fast rank: the seed's table; micro batch
-# and checkpointing are conservative starting points for 80 GB GPUs (a bigger model leaves less room).
+# takes the 7B-13B row, whose name it shares with 1B-7B. Rank/alpha/fast rank: the seed's table. Micro batch
+# and checkpointing: every preset fits in 80 GiB per GPU at seq 4096 by planner.py, with room to spare
+# (tests/test_presets.py checks it); checkpointing cuts 7B+ activations several-fold.
 SIZE_TABLE: list[tuple[float, SizeDefaults]] = [
     (0, SizeDefaults(16, 32, 4, micro_batch=8, gradient_checkpointing=False)),
-    (1, SizeDefaults(32, 64, 8, micro_batch=8, gradient_checkpointing=False)),
+    (1, SizeDefaults(32, 64, 8, micro_batch=4, gradient_checkpointing=False)),
     (7, SizeDefaults(48, 96, 12, micro_batch=4, gradient_checkpointing=True)),
-    (14, SizeDefaults(64, 128, 16, micro_batch=1, gradient_checkpointing=True)),
+    (14, SizeDefaults(64, 128, 16, micro_batch=2, gradient_checkpointing=True)),
 ]
 
 

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from lorafa_scale import ConfigError
+from lorafa_scale.planner import ALL_TARGETS, GiB, Job, plan
 from lorafa_scale.presets import GEOMETRIES, get_preset, nominal_billions, size_defaults
 
 
@@ -60,6 +61,16 @@ def test_size_boundaries():
     assert size_defaults(13_600_000_000).r == 64  # "14B" is > 13B
     big, small = get_preset("llama-2-70b"), get_preset("tinyllama-1.1b")
     assert big.micro_batch < small.micro_batch and big.gradient_checkpointing and not small.gradient_checkpointing
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_defaults_fit_80gb_gpus_by_the_planner(name):
+    preset = get_preset(name)
+    for strategy, nodes in (("zero3", 2), ("fsdp2", 2), ("zero3", 8)):
+        job = Job(geometry=preset.geometry, strategy=strategy, nodes=nodes, gpus_per_node=8, r=preset.r,
+                  micro_batch=preset.micro_batch, seq_len=preset.seq_len, targets=ALL_TARGETS,
+                  gradient_checkpointing=preset.gradient_checkpointing)
+        assert plan(job).gpu_total < 60 * GiB, (strategy, nodes)  # 80 GiB GPUs, with room to spare
 
 
 def test_every_field_is_overridable():
