@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bitsandbytes as bnb
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from lorafa_scale import ConfigError, LoraConfig, LoraFALinear
 from lorafa_scale.backends import find_backend
@@ -179,42 +182,61 @@ def test_bf16_load_upcasts_only_what_is_trained(checkpoint):
     assert theirs.model.embed_tokens.weight.dtype == torch.float32
 
 
-def test_merge_requantizes_and_reports_rounding_error(checkpoint):
-    model = load_model(checkpoint, "nf4", torch.float32, config())
+@pytest.mark.parametrize("kind, layer_type", [("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt)])
+def test_merge_requantizes_and_reports_rounding_error(checkpoint, kind, layer_type):
+    model = load_model(checkpoint, kind, torch.float32, config())
     train_b(model, steps=2)
     layer = model.lora_layers()[0]
     backend, base = layer.backend, layer.base_layer
-    expected = backend.dequantized_weight(base).double() + layer.delta_weight().double()
-    merged, errors = merge_and_unload(model)
-    assert len(errors) == 14 and all(type(m) is bnb.nn.Linear4bit for m in merged.model.layers[0].mlp.children() if m._parameters)
-    # The merged layer holds W + s B A rounded to the nf4 grid; the reported error is exactly that rounding.
-    rounded = backend.dequantized_weight(base).double()
     delta = layer.delta_weight().detach().double()
-    first = next(iter(errors))
-    assert errors[first] == pytest.approx(float((rounded - expected).norm() / delta.norm()), rel=1e-9)
-    assert 0 < (rounded - expected).abs().max() <= 0.2 * expected.abs().max()  # an nf4 step, not garbage
+    expected = backend.dequantized_weight(base).double() + delta
+    x = torch.randn(5, base.in_features)
+    with torch.no_grad():
+        before = base(x)
+    merged, errors = merge_and_unload(model)
+    assert len(errors) == 14 and type(merged.model.layers[0].mlp.up_proj) is layer_type
+    # The merged layer holds W + s B A rounded to the quantization grid; the reported error is that rounding.
+    rounded = backend.dequantized_weight(base).double()
+    assert errors[next(iter(errors))] == pytest.approx(float((rounded - expected).norm() / delta.norm()), rel=1e-9)
+    assert 0 < (rounded - expected).abs().max() <= 0.2 * expected.abs().max()  # a grid step, not garbage
+    # ... and computes with it, no stale quantization state (int8 also rounds x to 8 bits: looser).
+    with torch.no_grad():
+        after = base(x)
+    torch.testing.assert_close(after.double(), x.double() @ rounded.T, rtol=0, atol=1e-4 if kind == "nf4" else 1e-2)
+    assert not torch.equal(after, before)
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_export_merged_writes_full_precision_shards(trained_nf4, checkpoint, tmp_path, quantization):
+def merged_tensors(directory):
+    return {k: v for shard in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(str(shard)).items()}
+
+
+def test_export_merged_adds_the_delta_shard_by_shard(trained_nf4, checkpoint, tmp_path):
     model, adapter_dir, _ = trained_nf4
-    out = export_merged(adapter_dir, checkpoint, tmp_path / "merged", quantization=quantization, dtype="fp32")
-    merged, base = load_file(str(out / "model.safetensors")), load_file(f"{checkpoint}/model.safetensors")
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(checkpoint).save_pretrained(sharded, max_shard_size="100KB")
+    out = export_merged(adapter_dir, sharded, tmp_path / "merged", dtype="fp32")
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert (out / "model.safetensors.index.json").read_text() == (sharded / "model.safetensors.index.json").read_text()
+    merged, base = merged_tensors(out), merged_tensors(sharded)
     layer = model.base_model.model.model.layers[1].self_attn.v_proj
     key = "model.layers.1.self_attn.v_proj.weight"
-    if quantization == "none":  # W + s B A in float64, stored in the checkpoint's fp32
-        expected = base[key].double() + layer.delta_weight().double()
-        torch.testing.assert_close(merged[key].double(), expected, rtol=0, atol=1e-6)
-    else:  # the weight the adapter was trained on: the round trip matches the loaded nf4 weight exactly
-        expected = layer.backend.dequantized_weight(layer.base_layer).double() + layer.delta_weight().double()
-        torch.testing.assert_close(merged[key].double(), expected, rtol=0, atol=1e-6)
-        from transformers import AutoModelForCausalLM
-
-        full = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        torch.testing.assert_close(logits(full), logits(model), rtol=1e-4, atol=1e-4)
+    expected = base[key].double() + layer.delta_weight().detach().double()  # W + s B A, in W's fp32
+    torch.testing.assert_close(merged[key].double(), expected, rtol=0, atol=1e-6)
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     with pytest.raises(FileExistsError, match="merged"):
-        export_merged(adapter_dir, checkpoint, out)
+        export_merged(adapter_dir, sharded, out)
+
+
+def test_export_merged_onto_the_trained_nf4_weights_gives_the_trained_logits(trained_nf4, checkpoint, tmp_path):
+    model, adapter_dir, _ = trained_nf4
+    out = export_merged(adapter_dir, checkpoint, tmp_path / "merged", quantization="nf4", dtype="fp32")
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    expected = layer.backend.dequantized_weight(layer.base_layer).double() + layer.delta_weight().detach().double()
+    merged = merged_tensors(out)["model.layers.1.self_attn.v_proj.weight"]
+    torch.testing.assert_close(merged.double(), expected, rtol=0, atol=1e-6)  # the round trip is the loaded nf4
+    full = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(logits(full), logits(model.eval()), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_quantization_settings_fail_before_loading(tmp_path):
