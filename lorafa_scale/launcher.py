@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--lora-alpha", type=int, help="scaling numerator (s = lora_alpha / r)")
     group.add_argument("--fast-adapter-rank", type=int, help="rows of A meant to be initialised from data")
     group.add_argument("--target-modules", nargs="+", help="layer names to adapt, or all-linear")
+    group.add_argument("--lora-dropout", type=float, help="dropout on the adapter input")
     group.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute activations in backward")
     group.add_argument("--strategy", choices=list(TEMPLATES), help="deepspeed (ZeRO-3) or fsdp (FSDP2 via torchrun)")
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _preset(args) -> Preset:
     overrides = dict(model=args.model, micro_batch=args.micro_batch, seq_len=args.seq_len, r=args.r,
                      lora_alpha=args.lora_alpha, fast_adapter_rank=args.fast_adapter_rank,
-                     target_modules=args.target_modules, gradient_checkpointing=args.gradient_checkpointing,
+                     target_modules=args.target_modules, lora_dropout=args.lora_dropout,
+                     gradient_checkpointing=args.gradient_checkpointing,
                      strategy=args.strategy, deepspeed_config=args.deepspeed_config)
     preset = get_preset(args.preset, **overrides)
     if preset.strategy not in TEMPLATES:
@@ -128,7 +130,8 @@ def _train_args(preset: Preset, args, extra: list[str]) -> list[str]:
     train = ["--model", preset.model, "--output-dir", args.output_dir,
              "--micro-batch-size", str(preset.micro_batch), "--global-batch-size", str(args.global_batch),
              "--seq-len", str(preset.seq_len), "--r", str(preset.r), "--lora-alpha", str(preset.lora_alpha),
-             "--fast-adapter-rank", str(preset.fast_adapter_rank), "--target-modules", *targets,
+             "--fast-adapter-rank", str(preset.fast_adapter_rank), "--lora-dropout", str(preset.lora_dropout),
+             "--target-modules", *targets,
              "--gradient-checkpointing" if preset.gradient_checkpointing else "--no-gradient-checkpointing"]
     return train + extra
 
@@ -156,7 +159,8 @@ def _memory_plan(preset: Preset, args) -> str:
     targets = ALL_TARGETS if preset.target_modules == "all-linear" else tuple(preset.target_modules)
     job = Job(geometry=preset.geometry, strategy=PLANNER_STRATEGY[preset.strategy], nodes=args.nodes,
               gpus_per_node=args.gpus_per_node, micro_batch=preset.micro_batch, seq_len=preset.seq_len,
-              r=preset.r, targets=targets, gradient_checkpointing=preset.gradient_checkpointing)
+              r=preset.r, targets=targets, lora_dropout=preset.lora_dropout,
+              gradient_checkpointing=preset.gradient_checkpointing)
     return format_plan(plan(job))
 
 

@@ -123,6 +123,7 @@ class Preset:
     lora_alpha: int
     fast_adapter_rank: int
     target_modules: list[str] | str = "all-linear"
+    lora_dropout: float = 0.05
     strategy: str = "deepspeed"  # deepspeed | fsdp | single
     deepspeed_config: str = "ds_configs/zero3.json"
     micro_batch: int = 1
@@ -131,7 +132,8 @@ class Preset:
 
     def lora_config(self) -> LoraFAConfig:
         return LoraFAConfig(r=self.r, lora_alpha=self.lora_alpha, fast_adapter_rank=self.fast_adapter_rank,
-                            target_modules=self.target_modules, base_model_name_or_path=self.model)
+                            target_modules=self.target_modules, lora_dropout=self.lora_dropout,
+                            base_model_name_or_path=self.model)
 
 
 STRATEGIES = ("deepspeed", "fsdp", "single")

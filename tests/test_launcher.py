@@ -72,7 +72,7 @@ def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, monkeypatch, capsys
         assert command[command.index(TRAIN) + 1:] == [
             "--fsdp", "--model", "meta-llama/Llama-2-13b-hf", "--output-dir", "runs/llama-2-13b",
             "--micro-batch-size", "4", "--global-batch-size", "128", "--seq-len", "4096", "--r", "48",
-            "--lora-alpha", "96", "--fast-adapter-rank", "12", "--target-modules", "all-linear",
+            "--lora-alpha", "96", "--fast-adapter-rank", "12", "--lora-dropout", "0.05", "--target-modules", "all-linear",
             "--gradient-checkpointing", "--dataset", "data.jsonl"]
     assert len(commands) == 2
 

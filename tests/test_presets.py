@@ -76,10 +76,11 @@ def test_defaults_fit_80gb_gpus_by_the_planner(name):
 def test_every_field_is_overridable():
     preset = get_preset("llama-2-13b", r=16, lora_alpha=16, fast_adapter_rank=0, micro_batch=2, seq_len=1024,
                         gradient_checkpointing=False, strategy="fsdp", deepspeed_config="ds_configs/other.json",
-                        target_modules=["q_proj", "v_proj"], model="/models/llama-13b")
+                        target_modules=["q_proj", "v_proj"], model="/models/llama-13b", lora_dropout=0.1)
     assert (preset.r, preset.lora_alpha, preset.fast_adapter_rank, preset.micro_batch, preset.seq_len) == (16, 16, 0, 2, 1024)
     assert (preset.gradient_checkpointing, preset.strategy, preset.deepspeed_config) == (False, "fsdp", "ds_configs/other.json")
     assert preset.lora_config().target_modules == ["q_proj", "v_proj"] and preset.model == "/models/llama-13b"
+    assert preset.lora_config().lora_dropout == 0.1
     assert get_preset("llama-2-13b", r=None).r == 48  # None keeps the default (unset command-line options)
 
 
