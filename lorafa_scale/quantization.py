@@ -4,8 +4,9 @@
 
 What is upcast. PEFT's prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not 4-bit
 (embeddings, norms, the output head; int8 weights are left alone) to fp32. They are frozen, so that buys
-nothing for the optimizer, costs 2 extra bytes per value, and fp32 norm weights turn the hidden states fp32
-from the first norm on, doubling the activations autograd keeps. `prepare_for_training` keeps every frozen
+nothing for the optimizer, costs 2 extra bytes per value, and makes the logits and normed hidden states fp32
+(bench/quantized_memory.py: +83% parameter bytes, +36% bytes kept for backward on a small Llama with LoRA-FA
+on all linear layers). `prepare_for_training` keeps every frozen
 parameter in the dtype it was loaded in and upcasts only what is trained: the adapters are created in fp32
 by LoraFALinear, and fully trained copies (modules_to_save) are upcast after injection.
 
