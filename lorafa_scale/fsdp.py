@@ -139,15 +139,32 @@ def shard_model(
 
 
 def _checkpoint_keys(model: LoraFAModel) -> dict[str, list[str]]:
-    """{key in the Hugging Face checkpoint: names of the model's base parameters it fills}."""
+    """{key in the Hugging Face checkpoint: names of the model's base parameters it fills}.
+
+    A tied parameter (e.g. lm_head.weight = embed_tokens.weight) is filled from either of its keys.
+    """
     keys: dict[str, list[str]] = {}
-    for name, _ in model.named_parameters():
+    primary: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
         if ".lora_A." in name or ".lora_B." in name:
             continue
         key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
         key = key.replace(".original_module.", ".").replace(".modules_to_save.default.", ".")
-        keys.setdefault(key, []).append(name)
+        keys.setdefault(key, []).append(primary.setdefault(id(param), name))
     return keys
+
+
+def _tied_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    """(module, name, owner, owner's name) for every parameter also registered on an earlier module."""
+    owners: dict[int, tuple[nn.Module, str]] = {}
+    tied = []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in owners:
+                tied.append((module, name, *owners[id(param)]))
+            else:
+                owners[id(param)] = (module, name)
+    return tied
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -173,6 +190,7 @@ def load_base_weights(model: LoraFAModel, directory) -> None:
     box = [files]
     dist.broadcast_object_list(box, src=0)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    tied = _tied_parameters(model)
     for path in box[0]:
         state: dict[str, torch.Tensor] = {}
         if dist.get_rank() == 0:
@@ -181,6 +199,8 @@ def load_base_weights(model: LoraFAModel, directory) -> None:
                     for name in targets.get(key, []):
                         state[name] = f.get_tensor(key).to(dtypes[name])
         set_model_state_dict(model, state, options=options)
+        for module, name, owner, owner_name in tied:  # loading replaced the owner's parameter object
+            setattr(module, name, getattr(owner, owner_name))
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ConfigError(f"{directory}: no weight for {missing[0]} in its safetensors files ({len(missing)} missing)")
@@ -218,6 +238,7 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with init_empty_weights(include_buffers=False):
             hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        hf_model.tie_weights()  # init_empty_weights re-creates each parameter, which unties them
         model = get_peft_model(hf_model, lora_config)
     if lora_config.base_model_name_or_path is None:
         lora_config.base_model_name_or_path = str(path)
@@ -299,6 +320,7 @@ class FSDPStrategy(Strategy):
         on_meta = any(p.is_meta for p in model.parameters())
         if on_meta:
             init_adapters(model, self.args.seed, self.device)
+            model.get_base_model().tie_weights()  # init_empty_weights re-creates each parameter, untying them
         if not isinstance(model, FSDPModule):
             shard_model(model, self.mixed_precision)
         if on_meta:
@@ -307,15 +329,6 @@ class FSDPStrategy(Strategy):
         for group in optimizer.param_groups:
             group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         return super().setup(model, optimizer, scheduler)
-
-    def step(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return gather_adapter_state_dict(self.model)

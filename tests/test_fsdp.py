@@ -57,7 +57,7 @@ def accelerate_launch(*argv) -> None:
 def runs(tmp_path_factory):
     """(output dir, model dir, what the worker's rank 0 reported)."""
     out = tmp_path_factory.mktemp("fsdp")
-    model_dir = Path(save_tiny_llama(out / "model"))
+    model_dir = Path(save_tiny_llama(out / "model", tie_word_embeddings=True))  # a tied head must stay tied
     torchrun(WORKER, model_dir, out)
     return out, model_dir, json.loads((out / "train.json").read_text())
 
