@@ -23,6 +23,25 @@ from deepspeed.utils import safe_get_full_grad
 from lorafa_scale import LoraFAConfig
 from lorafa_scale.deepspeed_engine import DeepSpeedStrategy, load_model, save_adapter
 
+MICRO, ACCUM, WORLD = 2, 2, 2  # per-rank micro-batch, accumulation, ranks
+RESUME_AT, LR, WEIGHT_DECAY, CLIP = 2, 1e-2, 0.01, 0.5
+
+
+def lora_config() -> LoraFAConfig:
+    # alpha 1 (scaling 1/4) gives gradient norms near 1: clipping at 0.5 acts, and DeepSpeed ZeRO-2 (which adds
+    # its 1e-6 to norm / clip rather than to the norm) stays within 1e-6 of torch's clip_grad_norm_.
+    return LoraFAConfig(r=4, lora_alpha=1, target_modules="all-linear")
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    # eps 1e-6: Adam's step is ill-conditioned where a gradient element is near 0, where it would turn the
+    # last-bit differences of a reduction over 2 ranks into 1e-5 differences of B.
+    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, eps=1e-6, foreach=False)
+
+
+def warmup(step: int) -> float:
+    return min(1.0, (step + 1) / 3)
+
 
 def ds_config(stage: int) -> dict:
     return {
@@ -40,23 +59,22 @@ def ds_config(stage: int) -> dict:
 
 def build(args, seed: int):
     torch.manual_seed(seed)  # rank 0's draw decides A; a different seed gives a different A
-    lora = LoraFAConfig(r=4, lora_alpha=8, target_modules="all-linear")
-    model, config = load_model(args.model, lora, ds_config(args.stage), dtype=torch.float32,
-                               micro_batch_size=args.micro, grad_accum=args.accum, max_grad_norm=args.clip)
-    strategy = DeepSpeedStrategy(SimpleNamespace(config=config, grad_accum=args.accum, max_grad_norm=args.clip,
-                                                 micro_batch_size=args.micro))
+    model, config = load_model(args.model, lora_config(), ds_config(args.stage), dtype=torch.float32,
+                               micro_batch_size=MICRO, grad_accum=ACCUM, max_grad_norm=CLIP)
+    strategy = DeepSpeedStrategy(SimpleNamespace(config=config, grad_accum=ACCUM, max_grad_norm=CLIP,
+                                                 micro_batch_size=MICRO))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = strategy.make_optimizer(trainable, lr=args.lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
+    optimizer = make_optimizer(trainable)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     return model, strategy, optimizer, scheduler
 
 
-def train(strategy, engine, batches, steps, rank, micro):
+def train(strategy, engine, batches, steps):
     losses, norms = [], []
     for step in steps:
         step_loss = 0.0
         for ids in batches[step]:
-            mine = ids[rank * micro:(rank + 1) * micro]
+            mine = ids[strategy.rank * MICRO:(strategy.rank + 1) * MICRO]
             loss = engine(input_ids=mine, labels=mine).loss
             strategy.backward(loss)
             step_loss += float(strategy.all_reduce_mean(loss.detach())) / len(batches[step])
@@ -109,11 +127,6 @@ def main():
     parser.add_argument("--batches", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--stage", type=int, required=True)
-    parser.add_argument("--micro", type=int, default=2)
-    parser.add_argument("--accum", type=int, default=2)
-    parser.add_argument("--resume-at", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--clip", type=float, default=0.5)
     args = parser.parse_args()
     out = Path(args.out)
     batches = torch.load(args.batches, weights_only=True)
@@ -123,11 +136,11 @@ def main():
     rank = strategy.rank
     save_adapter(model, out / "initial_adapter")  # gathered before any engine exists
     engine = strategy.setup(model, optimizer, scheduler)
-    losses, norms = train(strategy, engine, batches, range(args.resume_at), rank, args.micro)
+    losses, norms = train(strategy, engine, batches, range(RESUME_AT))
     checkpoint = out / "checkpoint"
     checkpoint.mkdir(exist_ok=True)
-    strategy.save_checkpoint(checkpoint, {"step": args.resume_at})
-    more_losses, more_norms = train(strategy, engine, batches, range(args.resume_at, steps), rank, args.micro)
+    strategy.save_checkpoint(checkpoint, {"step": RESUME_AT})
+    more_losses, more_norms = train(strategy, engine, batches, range(RESUME_AT, steps))
     strategy.save_adapter(out / "final_adapter")
     managed = getattr(engine.optimizer, "fp16_groups", None) or engine.optimizer.bit16_groups  # ZeRO-3 / ZeRO-2
     result = {"losses": losses + more_losses, "grad_norms": norms + more_norms,
@@ -135,14 +148,15 @@ def main():
               "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)}
 
     model, strategy, optimizer, scheduler = build(args, seed=2)
+    save_adapter(model, out / "fresh_adapter")  # a different A, which resuming must replace
     engine = strategy.setup(model, optimizer, scheduler)
     client_state = strategy.load_checkpoint(checkpoint)
-    resumed_losses, _ = train(strategy, engine, batches, range(client_state["step"], steps), rank, args.micro)
+    resumed_losses, _ = train(strategy, engine, batches, range(client_state["step"], steps))
     strategy.save_adapter(out / "resumed_adapter")
     result["resumed_losses"] = resumed_losses
 
     if args.stage == 3:
-        ids = batches[0][0][rank * args.micro:(rank + 1) * args.micro]
+        ids = batches[0][0][rank * MICRO:(rank + 1) * MICRO]
         leaky = model.lora_layers()[-1].base_layer  # its input needs a gradient, so F.linear keeps the weight
         result["alive_after_forward"] = gathered_alive_after_forward(engine, ids)
         result["alive_after_forward_leaky_control"] = gathered_alive_after_forward(engine, ids, leak_into=leaky)
