@@ -3,9 +3,11 @@
 0 and 1 rendezvousing on localhost (gloo, CPU), training the embedded default model. The time-limit warning
 (SIGUSR1 to the batch script, as `#SBATCH --signal=B:USR1@...` sends it) makes the trainer checkpoint and
 the job requeue itself; the requeued attempt resumes, and the adapter equals one uninterrupted process.
+The DeepSpeed path gets the same signal on one node and must hand the trainer's exit code back.
 """
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lorafa_scale.trainer import EXIT_PREEMPTED
 from tests.test_slurm import ROOT, SLURM, TRAIN, slurm_env
 
 # lora_dropout 0: dropout masks are drawn per rank, so they differ between 1 and 2 processes.
@@ -71,3 +74,25 @@ def test_two_nodes_checkpoint_on_time_limit_requeue_and_match_one_process(tmp_pa
     ref_losses = {s["step"]: s["loss"] for s in steps_logged(reference)}
     for entry in steps_logged(output):
         assert abs(entry["loss"] - ref_losses[entry["step"]]) < 1e-6 * abs(ref_losses[entry["step"]])
+
+
+def test_deepspeed_node_checkpoints_on_a_signal_to_its_task_and_exits_75(tmp_path):
+    """slurmstepd signals every process of a task: the deepspeed launchers (started by node.sh with SIGUSR1
+    ignored) survive it, the trainer checkpoints, and its exit code 75 comes back through both launchers."""
+    output = tmp_path / "out"
+    env = slurm_env(SLURM_JOB_ID=56, SLURM_NNODES=1, SLURM_NODEID=0, SLURM_JOB_NODELIST="node1", GPUS_PER_NODE=1,
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), LORAFA_LAUNCHER="deepspeed",
+                    DS_ACCELERATOR="cpu", LORAFA_HOSTFILE=tmp_path / "hostfile")
+    command = ["bash", str(SLURM / "node.sh"), "--config", str(ROOT / "ds_configs" / "zero3.json"), *TRAIN_ARGS,
+               "--max-steps", "40", "--output-dir", str(output)]
+    with open(tmp_path / "node.log", "w") as node_log:
+        node = subprocess.Popen(command, env=env, stdout=node_log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                start_new_session=True)
+        deadline = time.monotonic() + 240
+        while not steps_logged(output) and node.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(node.pid, signal.SIGUSR1)
+        assert node.wait(timeout=240) == EXIT_PREEMPTED, (tmp_path / "node.log").read_text()[-3000:]
+    assert (tmp_path / "hostfile").read_text() == "node1 slots=1\n"
+    stopped_at = steps_logged(output)[-1]["step"]
+    assert stopped_at < 40 and (output / "checkpoints" / f"step-{stopped_at}").is_dir()
