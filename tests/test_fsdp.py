@@ -31,8 +31,6 @@ from tests.workers.fsdp_train import LR, SEED, STEPS, global_batches, lora_confi
 ROOT = Path(__file__).parents[1]
 WORKER = ROOT / "tests" / "workers" / "fsdp_train.py"
 TRAIN = ROOT / "launch" / "train.py"
-
-
 ACCELERATE_CONFIG = ROOT / "launch" / "accelerate_fsdp.yaml"
 
 
@@ -67,15 +65,15 @@ def trainer_runs(tmp_path_factory):
     """launch/train.py --fsdp: 4 steps with checkpoints started by `accelerate launch` with our config,
     then resumed from step 2 under torchrun (adapter dropout on)."""
     out = tmp_path_factory.mktemp("fsdp_trainer")
-    run = out / "run"
+    run_dir = out / "run"
     options = ["--fsdp", "--max-steps", "4", "--save-every", "2", "--keep-last", "3", "--lora-dropout", "0.1",
-               "--output-dir", run]
+               "--output-dir", run_dir]
     accelerate_launch(TRAIN, *options)
-    shutil.copytree(run / "adapter", out / "uninterrupted")
-    uninterrupted = read_metrics(run / "metrics.jsonl")
-    shutil.rmtree(run / "checkpoints" / "step-4")
-    torchrun(TRAIN, *options, "--resume", run / "checkpoints" / "step-2")
-    return out, uninterrupted, read_metrics(run / "metrics.jsonl")
+    shutil.copytree(run_dir / "adapter", out / "uninterrupted")
+    uninterrupted = read_metrics(run_dir / "metrics.jsonl")
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    torchrun(TRAIN, *options, "--resume", run_dir / "checkpoints" / "step-2")
+    return out, uninterrupted, read_metrics(run_dir / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +169,10 @@ def test_bf16_mixed_precision_with_cpu_offload_trains(runs):
     assert 0 < bf16["b_norm"] and torch.isfinite(torch.tensor(bf16["loss"]))
 
 
+def test_checkpoint_missing_a_weight_is_named(runs):
+    assert "no weight for base_model.model.model.norm.weight" in runs[2]["missing_weight_error"]
+
+
 def test_4bit_base_shards_and_gives_unsharded_gradients(runs):
     nf4 = runs[2]["nf4"]
     assert (nf4["packed_shape"], nf4["packed_local_shape"]) == ([512, 1], [256, 1])  # 64x64 nf4 in fp32 words
@@ -186,8 +188,8 @@ def test_bad_model_directory_is_named(tmp_path):
         load_model(tmp_path, lora_config())
 
 
-def test_bad_options_are_named(runs):
-    model_dir = runs[1]
+def test_bad_options_are_named(tmp_path):
+    model_dir = save_tiny_llama(tmp_path)
     model = get_peft_model(tiny_llama(), lora_config())
     with pytest.raises(ConfigError, match="mixed_precision"):
         shard_model(model, mixed_precision="bf8")

@@ -1,23 +1,25 @@
 """FSDP2 worker for tests/test_fsdp.py: `torchrun --nproc_per_node 2 fsdp_train.py MODEL_DIR OUT`.
 
 Loads the tiny model sharded from MODEL_DIR the way the training loop does, trains STEPS steps, exports the
-adapter, compares activation checkpointing on/off, runs one bf16 mixed-precision step with CPU offload and
-checks a 4-bit base. Rank 0 writes OUT/train.json. The test imports lora_config() and global_batches() for
-its single-process reference run.
+adapter, compares activation checkpointing on/off, runs one bf16 mixed-precision step with CPU offload,
+checks a 4-bit base and the error for an incomplete checkpoint. Rank 0 writes OUT/train.json. The test
+imports lora_config() and global_batches() for its single-process reference run.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from lorafa_scale import LoraFAConfig, get_peft_model
+from lorafa_scale import ConfigError, LoraFAConfig, get_peft_model
 from lorafa_scale.fsdp import FSDPStrategy, init_adapters, load_model
 from lorafa_scale.quantization import load_model as load_quantized
 
@@ -114,6 +116,22 @@ def nf4_grads(model_dir: str) -> dict:
     }
 
 
+def missing_weight_error(model_dir: str, out: Path) -> str:
+    """The error load_model raises, on every rank, for a checkpoint that lacks the final norm's weight."""
+    incomplete = out / "incomplete"
+    if dist.get_rank() == 0:
+        shutil.copytree(model_dir, incomplete)
+        weights = load_file(str(incomplete / "model.safetensors"))
+        del weights["model.norm.weight"]
+        save_file(weights, str(incomplete / "model.safetensors"))
+    dist.barrier()
+    try:
+        load_model(incomplete, lora_config(), dtype=torch.float32, seed=SEED)
+    except ConfigError as err:
+        return str(err)
+    return "no error"
+
+
 def main(model_dir: str, out: str) -> None:
     out = Path(out)
     strategy = make_strategy(model_dir)
@@ -128,6 +146,7 @@ def main(model_dir: str, out: str) -> None:
     result["q_proj_lora_A_local_shape"] = list(q_proj.lora_A.weight.to_local().shape)
     result["bf16"] = bf16_step(model_dir)
     result["nf4"] = nf4_grads(model_dir)
+    result["missing_weight_error"] = missing_weight_error(model_dir, out)
     if strategy.is_main():
         (out / "train.json").write_text(json.dumps(result, indent=2))
     dist.destroy_process_group()
