@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .hostlist import expand_nodelist
-from .presets import GEOMETRIES, Preset, get_preset
+from .presets import GEOMETRIES, Preset, get_preset, preset_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO_ROOT / "launch" / "slurm"
@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafa-scale launch", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add = p.add_argument
-    add("--preset", choices=list(GEOMETRIES), help="model and its per-size defaults (lorafa_scale/presets.py)")
-    add("--model", help="Hugging Face id or local directory to train (default: the preset's Hugging Face id)")
+    add("--preset", help=f"a model of lorafa_scale/presets.py ({', '.join(GEOMETRIES)}), or a local model folder "
+        "(or its config.json) of a Llama-layout model, whose size picks the defaults")
+    add("--model", help="Hugging Face id or local folder to train (default: the preset's Hugging Face id, or the "
+        "folder given as --preset)")
     add("--nodes", type=int, help="nodes in the job")
     add("--gpus-per-node", type=int, default=8, help="GPUs (training processes) per node")
     add("--global-batch", type=int, help="examples per optimizer step over all GPUs")
@@ -119,7 +121,19 @@ def _preset(args) -> Preset:
                      target_modules=args.target_modules, lora_dropout=args.lora_dropout,
                      gradient_checkpointing=args.gradient_checkpointing,
                      strategy=args.strategy, deepspeed_config=args.deepspeed_config)
-    preset = get_preset(args.preset, **overrides)
+    if args.preset in GEOMETRIES:
+        preset = get_preset(args.preset, **overrides)
+    else:
+        from .planner import load_geometry
+
+        folder = Path(args.preset).resolve()
+        folder = folder.parent if folder.name == "config.json" else folder
+        overrides["model"] = args.model or str(folder)
+        try:
+            geometry = load_geometry(args.preset)
+        except ConfigError as err:
+            raise ConfigError(f"--preset: {str(err).removeprefix('plan: ')}") from None
+        preset = preset_for(folder.name, geometry, **overrides)
     if preset.strategy not in TEMPLATES:
         raise ConfigError(f"--strategy must be one of {tuple(TEMPLATES)} for a multi-node job, got {preset.strategy!r}")
     return preset

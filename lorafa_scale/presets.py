@@ -146,10 +146,14 @@ def get_preset(name: str, **overrides) -> Preset:
         close = difflib.get_close_matches(name, GEOMETRIES, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"preset: unknown model '{name}'{hint} (known: {', '.join(GEOMETRIES)})")
+    return preset_for(name, GEOMETRIES[name], **overrides)
+
+
+def preset_for(name: str, geometry: ModelGeometry, **overrides) -> Preset:
+    """The per-size defaults for any model geometry (e.g. read from a local config.json), with overrides."""
     for key in overrides:
         if key not in _OVERRIDABLE:
             raise ConfigError(f"preset: unknown field '{key}' (overridable: {', '.join(sorted(_OVERRIDABLE))})")
-    geometry = GEOMETRIES[name]
     size = size_defaults(geometry.num_parameters())
     # A new r brings the table's alpha = 2r and fast_adapter_rank = r/4 along, unless those are given too.
     r = overrides.get("r")

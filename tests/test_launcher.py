@@ -10,6 +10,7 @@ import pytest
 from lorafa_scale import ConfigError
 from lorafa_scale.hostlist import expand_nodelist
 from lorafa_scale.launcher import REPO_ROOT, gradient_accumulation, main, parse_sbatch_options
+from tests.tiny_models import tiny_llama_config
 
 TRAIN = str(REPO_ROOT / "launch" / "train.py")
 
@@ -102,6 +103,18 @@ def test_written_job_is_a_valid_sbatch_script_and_is_not_overwritten(tmp_path, m
     assert job.read_text() == text
     assert main([*args, "--r", "8", "--overwrite"]) == 0
     assert "--r 8 --lora-alpha 16 --fast-adapter-rank 2" in job.read_text()
+
+
+def test_a_local_model_folder_instead_of_a_preset(tmp_path, monkeypatch, capsys):
+    tiny_llama_config().save_pretrained(tmp_path / "my-llama")  # config.json only: no weights needed
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "my-llama", "--nodes", "2", "--gpus-per-node", "1", "--global-batch", "32",
+                 "--strategy", "fsdp", "--seq-len", "128", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "my-llama" in out and "LoRA-FA r=16 alpha=32 fast_adapter_rank=4" in out  # the < 1B row
+    assert f"--model {tmp_path / 'my-llama'} --output-dir runs/my-llama --micro-batch-size 8" in out
+    assert main(["--preset", "llama-2-14b", "--nodes", "2", "--global-batch", "32", "--dry-run"]) == 2
+    assert "--preset: 'llama-2-14b' is neither a preset" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("changes, message", [
