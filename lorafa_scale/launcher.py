@@ -182,7 +182,7 @@ def node_commands(script: str, nodes: int, nodelist: str | None) -> str:
     """Each node's hostfile and launch command: the script run with LORAFA_DRY_RUN=1 in a stand-in Slurm
     environment (node names from `nodelist`, else node1..nodeN)."""
     env = {**os.environ, "LORAFA_DRY_RUN": "1", "SLURM_JOB_ID": "JOBID", "SLURM_NNODES": str(nodes),
-           "SLURM_JOB_NODELIST": nodelist or f"node[1-{nodes}]", "SLURM_SUBMIT_DIR": str(REPO_ROOT)}
+           "SLURM_JOB_NODELIST": nodelist or f"node[1-{nodes}]"}
     result = subprocess.run(["bash", "-s"], input=script, env=env, capture_output=True, text=True, timeout=120)
     if result.returncode:
         raise ConfigError(f"rendering the job failed: {result.stderr.strip()}")
@@ -223,7 +223,8 @@ def _launch(args, extra: list[str], argv: list[str]) -> int:
         raise ConfigError(f"{job_file} exists; pass --overwrite to replace it, or choose another --job-dir")
 
     template = (SLURM_DIR / TEMPLATES[preset.strategy]).read_text()
-    preamble = [f"# Written by: {shlex.join(['lorafa-scale', 'launch', *argv])}", f"export LORAFA_ROOT={shlex.quote(str(REPO_ROOT))}",
+    command = shlex.join(["lorafa-scale", "launch", *argv]).replace("\n", "\\n")  # stays one comment line
+    preamble = [f"# Written by: {command}", f"export LORAFA_ROOT={shlex.quote(str(REPO_ROOT))}",
                 f"export GPUS_PER_NODE={args.gpus_per_node}"]
     if ds_config is not None:
         preamble.append(f"export LORAFA_DS_CONFIG={shlex.quote(str(ds_config))}")

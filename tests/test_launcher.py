@@ -78,6 +78,17 @@ def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, monkeypatch, capsys
     assert len(commands) == 2
 
 
+def test_training_options_are_passed_literally_never_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    hostile = "x\n$(touch pwned)`touch pwned2`"
+    assert main([*LAUNCH_13B, "--output-dir", "out", "--", "--dataset", hostile]) == 0
+    text = (tmp_path / "out" / "slurm" / "job.sbatch").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing ran while rendering
+    written_by = [line for line in text.splitlines() if line.startswith("# Written by")]
+    assert len(written_by) == 1 and "touch pwned2" in written_by[0]  # one comment line, not two
+    assert subprocess.run(["bash", "-n", "-c", text]).returncode == 0
+
+
 def test_written_job_is_a_valid_sbatch_script_and_is_not_overwritten(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["--preset", "llama-3-70b", "--nodes", "8", "--global-batch", "512", "--time", "2-00:00:00",
