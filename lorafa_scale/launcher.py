@@ -22,13 +22,13 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .deepspeed_config import read_ds_config, zero_stage
 from .hostlist import expand_nodelist
 from .presets import GEOMETRIES, Preset, get_preset, preset_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO_ROOT / "launch" / "slurm"
 TEMPLATES = {"deepspeed": "deepspeed.sbatch", "fsdp": "fsdp.sbatch"}
-PLANNER_STRATEGY = {"deepspeed": "zero3", "fsdp": "fsdp2"}
 # A value on an #SBATCH line is taken literally (Slurm expands no shell variables there).
 SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_.,:@%+/=\[\]-]+$")
 
@@ -167,11 +167,22 @@ def _sbatch_options(template: str, args, preset: Preset) -> dict[str, str]:
     return options
 
 
-def _memory_plan(preset: Preset, args) -> str:
+def _planner_strategy(ds_config: Path | None) -> str:
+    """The planner's name for how the job shards: FSDP2 (no DeepSpeed config) or the config's ZeRO stage."""
+    if ds_config is None:
+        return "fsdp2"
+    config, _ = read_ds_config(ds_config)
+    if zero_stage(config) < 3:
+        return "zero2"
+    offload = config["zero_optimization"].get("offload_param", {}).get("device", "none") != "none"
+    return "zero3-offload" if offload else "zero3"
+
+
+def _memory_plan(preset: Preset, args, ds_config: Path | None) -> str:
     from .planner import ALL_TARGETS, Job, format_plan, plan
 
     targets = ALL_TARGETS if preset.target_modules == "all-linear" else tuple(preset.target_modules)
-    job = Job(geometry=preset.geometry, strategy=PLANNER_STRATEGY[preset.strategy], nodes=args.nodes,
+    job = Job(geometry=preset.geometry, strategy=_planner_strategy(ds_config), nodes=args.nodes,
               gpus_per_node=args.gpus_per_node, micro_batch=preset.micro_batch, seq_len=preset.seq_len,
               r=preset.r, targets=targets, lora_dropout=preset.lora_dropout,
               gradient_checkpointing=preset.gradient_checkpointing)
@@ -240,7 +251,7 @@ def _launch(args, extra: list[str], argv: list[str]) -> int:
           f"{args.gpus_per_node} GPUs = {world} processes")
     print(f"gradient accumulation = global {args.global_batch} / (micro {preset.micro_batch} x {args.nodes} nodes "
           f"x {args.gpus_per_node} GPUs) = {accum}; {args.global_batch * preset.seq_len} tokens per step at most")
-    print(f"\n# memory per GPU (lorafa_scale/planner.py)\n{_memory_plan(preset, args)}")
+    print(f"\n# memory per GPU (lorafa_scale/planner.py)\n{_memory_plan(preset, args, ds_config)}")
     print(f"\n# {job_file}\n{script}\n# what each node runs\n{nodes_text}")
     if args.dry_run:
         print("dry run: nothing written")

@@ -85,18 +85,21 @@ class SizeDefaults:
     fast_adapter_rank: int
     micro_batch: int
     gradient_checkpointing: bool
+    deepspeed_config: str
 
 
 # (smallest nominal size in billions, defaults). Nominal sizes from 1B up are whole billions (see
 # nominal_billions), so the seed's rows "<1B", "1B-7B", "7B-13B", ">13B" start at 0, 1, 7 and 14; a 7B model
-# takes the 7B-13B row, whose name it shares with 1B-7B. Rank/alpha/fast rank: the seed's table. Micro batch
-# and checkpointing: every preset fits in 80 GiB per GPU at seq 4096 by planner.py, with room to spare
-# (tests/test_presets.py checks it); checkpointing cuts 7B+ activations several-fold.
+# takes the 7B-13B row, whose name it shares with 1B-7B. Rank/alpha/fast rank: the seed's table. Below 7B the
+# bf16 base (< 14 GB) fits on every GPU, so ZeRO-2 keeps it whole and skips ZeRO-3's per-layer all-gathers.
+# Micro batch and checkpointing: every preset fits in 80 GiB per GPU at seq 4096 by planner.py, with room to
+# spare (tests/test_presets.py checks it); checkpointing cuts 7B+ activations several-fold.
+ZERO2, ZERO3 = "ds_configs/zero2.json", "ds_configs/zero3.json"
 SIZE_TABLE: list[tuple[float, SizeDefaults]] = [
-    (0, SizeDefaults(16, 32, 4, micro_batch=8, gradient_checkpointing=False)),
-    (1, SizeDefaults(32, 64, 8, micro_batch=4, gradient_checkpointing=False)),
-    (7, SizeDefaults(48, 96, 12, micro_batch=4, gradient_checkpointing=True)),
-    (14, SizeDefaults(64, 128, 16, micro_batch=2, gradient_checkpointing=True)),
+    (0, SizeDefaults(16, 32, 4, micro_batch=8, gradient_checkpointing=False, deepspeed_config=ZERO2)),
+    (1, SizeDefaults(32, 64, 8, micro_batch=4, gradient_checkpointing=False, deepspeed_config=ZERO2)),
+    (7, SizeDefaults(48, 96, 12, micro_batch=4, gradient_checkpointing=True, deepspeed_config=ZERO3)),
+    (14, SizeDefaults(64, 128, 16, micro_batch=2, gradient_checkpointing=True, deepspeed_config=ZERO3)),
 ]
 
 
@@ -125,7 +128,7 @@ class Preset:
     target_modules: list[str] | str = "all-linear"
     lora_dropout: float = 0.05
     strategy: str = "deepspeed"  # deepspeed | fsdp | single
-    deepspeed_config: str = "ds_configs/zero3.json"
+    deepspeed_config: str = ZERO3  # relative to the repository root
     micro_batch: int = 1
     seq_len: int = 4096
     gradient_checkpointing: bool = True
@@ -162,6 +165,7 @@ def preset_for(name: str, geometry: ModelGeometry, **overrides) -> Preset:
         name=name, model=geometry.hf_id, geometry=geometry, r=r, lora_alpha=size.lora_alpha * r // size.r,
         fast_adapter_rank=size.fast_adapter_rank * r // size.r, micro_batch=size.micro_batch,
         seq_len=min(4096, geometry.max_position_embeddings), gradient_checkpointing=size.gradient_checkpointing,
+        deepspeed_config=size.deepspeed_config,
     )
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     _check(preset)

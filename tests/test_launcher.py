@@ -78,6 +78,15 @@ def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, monkeypatch, capsys
     assert len(commands) == 2
 
 
+def test_small_models_default_to_zero2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "llama-3.2-1b", "--nodes", "2", "--global-batch", "64", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"export LORAFA_DS_CONFIG={REPO_ROOT}/ds_configs/zero2.json" in out
+    assert "meta-llama/Llama-3.2-1B: zero2, 2 node(s) x 8 GPU(s), micro batch 4 x 4096" in out
+    assert f"{TRAIN} --config {REPO_ROOT}/ds_configs/zero2.json --model meta-llama/Llama-3.2-1B" in out
+
+
 def test_training_options_are_passed_literally_never_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     hostile = "x\n$(touch pwned)`touch pwned2`"
@@ -102,12 +111,12 @@ def test_written_job_is_a_valid_sbatch_script_and_is_not_overwritten(tmp_path, m
         "output": f"{tmp_path}/out/slurm/%x-%j.out"}
     assert not any("$" in line for line in text.splitlines() if line.startswith("#SBATCH"))
     assert f"export LORAFA_DS_CONFIG={REPO_ROOT}/ds_configs/zero3.json" in text
+    assert "Meta-Llama-3-70B: zero3, 8 node(s) x 8 GPU(s), micro batch 2 x 4096" in capsys.readouterr().out
     assert "export MASTER_PORT=31001" in text and "--r 64 --lora-alpha 128 --fast-adapter-rank 16" in text
     assert subprocess.run(["bash", "-n", str(job)]).returncode == 0
     if shutil.which("shellcheck"):
         lint = subprocess.run(["shellcheck", str(job)], capture_output=True, text=True)
         assert lint.returncode == 0, lint.stdout
-    capsys.readouterr()
 
     assert main([*args, "--r", "8"]) == 2  # the job already written stays as it was
     assert f"{job.relative_to(tmp_path)} exists; pass --overwrite" in capsys.readouterr().err

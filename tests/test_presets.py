@@ -66,7 +66,9 @@ def test_size_boundaries():
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_defaults_fit_80gb_gpus_by_the_planner(name):
     preset = get_preset(name)
-    for strategy, nodes in (("zero3", 2), ("fsdp2", 2), ("zero3", 8)):
+    zero = "zero2" if preset.deepspeed_config.endswith("zero2.json") else "zero3"
+    assert zero == ("zero2" if preset.geometry.num_parameters() < 6.5e9 else "zero3")  # ZeRO-3 from 7B
+    for strategy, nodes in ((zero, 2), ("fsdp2", 2), (zero, 8)):
         job = Job(geometry=preset.geometry, strategy=strategy, nodes=nodes, gpus_per_node=8, r=preset.r,
                   micro_batch=preset.micro_batch, seq_len=preset.seq_len, targets=ALL_TARGETS,
                   gradient_checkpointing=preset.gradient_checkpointing)
