@@ -36,14 +36,18 @@ from torch.distributed.tensor import DTensor
 from .backends import Backend
 
 
-def dropout_scale(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
-    """Inverted-dropout multiplier (0 or 1/(1-p)) drawn from a generator seeded with `seed`.
+def dropout_keep(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
+    """Dropout's keep mask (1 with probability 1 - p, else 0) drawn from a generator seeded with `seed`.
 
     Forward and backward call this with the same seed and get the same mask, so it need not be kept.
     """
     generator = torch.Generator(device=device).manual_seed(seed)
-    keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
-    return keep.div_(1.0 - p)
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
+
+
+def dropout_scale(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
+    """Inverted-dropout multiplier (0 or 1/(1-p)): the keep mask over 1 - p."""
+    return dropout_keep(shape, p, seed, device, dtype).div_(1.0 - p)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -63,7 +67,9 @@ class LoraFAFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xd = x.to(dtype)
             if dropout_p > 0:
-                xd = xd * dropout_scale(x.shape, dropout_p, seed, x.device, dtype)
+                # Inverted dropout's 1/(1-p) rides on the scalar, sparing a pass over x-sized tensors.
+                xd = dropout_keep(x.shape, dropout_p, seed, x.device, dtype).mul_(xd)
+                scaling = scaling / (1.0 - dropout_p)
             projected = F.linear(xd, lora_A.to(dtype))  # (..., r): all that backward needs of x
             out = F.linear(projected, lora_B.to(dtype)) * scaling
         # Save the Parameters themselves: a cast or detached copy would keep a gathered ZeRO-3 weight alive.
@@ -88,7 +94,7 @@ class LoraFAFunction(torch.autograd.Function):
             grad_x = (grad_out @ lora_B.to(dtype)) * ctx.scaling
             grad_x = grad_x @ lora_A.to(dtype)
             if ctx.dropout_p > 0:
-                grad_x = grad_x * dropout_scale(ctx.x_shape, ctx.dropout_p, ctx.seed, grad_x.device, dtype)
+                grad_x = grad_x.mul_(dropout_keep(ctx.x_shape, ctx.dropout_p, ctx.seed, grad_x.device, dtype))
             grad_x = grad_x.to(ctx.x_dtype)
         return grad_x, None, grad_B, None, None, None, None
 
