@@ -1,0 +1,81 @@
+"""Benchmark 2: training step time on CPU, ours vs PEFT LoRA vs PEFT LoRA-FA, alternating in one process.
+
+Each round times one full step (forward, backward, optimizer step) of every variant, in a rotating order so
+that no variant always runs first or after the same neighbour. Two clocks: wall time, and this process's CPU
+time (all its threads), which other processes sharing the cores disturb far less. Reports each variant's
+median and range and the per-round ratios ours / PEFT LoRA. --profile prints the operators that take the time in one step each.
+
+    python bench/bench_step_time.py --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import matplotlib
+import torch
+from common import LABELS, RESULTS, VARIANTS, adapted, base_model, batch, save_result, train_step
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def profile(models, ids) -> None:
+    for variant, (model, optimizer) in models.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            train_step(model, optimizer, ids)
+        print(f"--- {LABELS[variant]}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    ids = batch()
+    models = {variant: adapted(variant, base_model()) for variant in VARIANTS}
+    for model, optimizer in models.values():  # warm-up: allocator, thread pools, lazy inits
+        train_step(model, optimizer, ids)
+    if args.profile:
+        profile(models, ids)
+        return
+    times = {variant: [] for variant in VARIANTS}
+    cpu_times = {variant: [] for variant in VARIANTS}
+    for round_index in range(args.rounds):
+        order = VARIANTS[round_index % 3:] + VARIANTS[:round_index % 3]
+        for variant in order:
+            model, optimizer = models[variant]
+            start, cpu_start = time.perf_counter(), time.process_time()
+            train_step(model, optimizer, ids)
+            times[variant].append(time.perf_counter() - start)
+            cpu_times[variant].append(time.process_time() - cpu_start)
+        print(f"round {round_index + 1}: " + "  ".join(
+            f"{v} {times[v][-1]:.2f}s wall {cpu_times[v][-1]:.2f}s cpu" for v in VARIANTS), flush=True)
+    summary, ratios = {}, {}
+    for clock, measured in (("wall", times), ("cpu", cpu_times)):
+        summary[clock] = {v: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "all_s": t}
+                          for v, t in measured.items()}
+        ratios[clock] = [ours / lora for ours, lora in zip(measured["ours"], measured["peft_lora"], strict=True)]
+        for variant, row in summary[clock].items():
+            print(f"{clock:<5}{LABELS[variant]:<28} median {row['median_s']:.2f}s  range {row['min_s']:.2f}-"
+                  f"{row['max_s']:.2f}s")
+        print(f"{clock:<5}ours / PEFT LoRA per round: median {statistics.median(ratios[clock]):.3f}, range "
+              f"{min(ratios[clock]):.3f}-{max(ratios[clock]):.3f} (target <= 1.0)")
+    path = save_result("step_time", {"rounds": args.rounds, "variants": summary, "ratio_ours_over_peft_lora": ratios})
+    plt.figure(figsize=(6, 3.5))
+    for variant in VARIANTS:
+        plt.plot(range(1, args.rounds + 1), times[variant], marker="o", label=LABELS[variant])
+    plt.xlabel("round")
+    plt.ylabel("training step (s)")
+    plt.title("CPU step time, bench geometry (alternating)")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(RESULTS / "step_time.png", dpi=100)
+    print(f"wrote {path} and {RESULTS / 'step_time.png'}")
+
+
+if __name__ == "__main__":
+    main()
