@@ -302,7 +302,7 @@ def plan(job: Job) -> Plan:
     if offload:
         per_node = job.gpus_per_node / world
         cpu = {"base weights": round(base * per_node), "adapter A": round(4 * a_values * per_node),
-               "adapter B, gradients, optimizer state": round(16 * trained * per_node)}
+               "trained adapter state": round(16 * trained * per_node)}  # weights, gradients, AdamW
     load_peak = 0
     if job.strategy.startswith("zero3") and job.quantization != "none":
         # DeepSpeed's zero.Init does not apply to bitsandbytes models: each rank loads the whole quantized model.
@@ -356,7 +356,7 @@ def format_plan(result: Plan) -> str:
     if result.load_peak:
         lines.append(f"  {'while loading':<32}{result.load_peak / GiB:9.2f}")
     for name, value in result.cpu_per_node.items():
-        lines.append(f"  CPU per node: {name:<18}{value / GiB:9.2f}")
+        lines.append(f"  {'CPU per node, ' + name:<32}{value / GiB:9.2f}")
     if result.cpu_per_node:
         lines.append(f"  {'CPU per node total':<32}{sum(result.cpu_per_node.values()) / GiB:9.2f}")
     needed = max(result.gpu_total, result.load_peak) / GiB
@@ -373,19 +373,24 @@ def measure_kept_bytes(step, module: torch.nn.Module) -> int:
     The module's own parameters and buffers are not counted (they exist anyway). `step` should return the
     loss; it is backpropagated so the graph is freed. This is the measured counterpart of kept_for_backward.
     """
+    return measure_kept(step, module)[0]
+
+
+def measure_kept(step, module: torch.nn.Module) -> tuple[int, int]:
+    """(activation bytes, bytes of the module's own parameters and buffers) autograd keeps during `step()`."""
     own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
     kept = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in own:
-            kept[storage.data_ptr()] = storage.nbytes()
+        kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = step()
     loss.backward()
-    return sum(kept.values())
+    activations = sum(size for ptr, size in kept.items() if ptr not in own)
+    return activations, sum(size for ptr, size in kept.items() if ptr in own)
 
 
 # -- command line --------------------------------------------------------------------------------------------
