@@ -302,7 +302,7 @@ def plan(job: Job) -> Plan:
     if offload:
         per_node = job.gpus_per_node / world
         cpu = {"base weights": round(base * per_node), "adapter A": round(4 * a_values * per_node),
-               "adapter B state": round(16 * trained * per_node)}  # trained weights, gradients, AdamW
+               "trained state": round(16 * trained * per_node)}  # trained weights, gradients, AdamW
     load_peak = 0
     if job.strategy.startswith("zero3") and job.quantization != "none":
         # DeepSpeed's zero.Init does not apply to bitsandbytes models: each rank loads the whole quantized model.
