@@ -4,15 +4,14 @@ FSDP2 shards every parameter as a DTensor along dim 0 and allows frozen and trai
 unit, so a frozen base, frozen A and trained B shard together: each decoder layer is one unit, the root
 (embeddings, final norm, head) another.
 
-Loading a big model without materializing it on any rank:
+Loading a big model without materializing it on any rank (run under torchrun):
 
-    init_distributed()
     model = load_model("path/to/hf_model", LoraFAConfig(...), dtype=torch.bfloat16)
 
 builds the model with its parameters on the meta device (buffers such as rotary frequencies stay real),
 injects the adapters, creates A and B from one seed so every rank holds the same A, computes the r x r
-gradient-correction buffer from that full A, shards, then streams the base weights: rank 0 reads one
-safetensors file at a time and broadcasts it, each rank keeping only its shard.
+gradient-correction buffer from that full A, shards, then loads the base weights: each rank reads only its
+own rows of each tensor from the safetensors files.
 
 Checkpoints (FSDPStrategy.save_checkpoint) are gathered, not sharded on disk: A and B in safetensors and
 the optimizer state gathered to full tensors keyed by parameter name (torch.save of tensors only, read back
@@ -36,11 +35,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import peft_format
@@ -52,13 +50,18 @@ PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 INT8_REASON = "its scales are attributes of the weight tensor, which sharding drops"
 
 
+def rank_device() -> torch.device:
+    """This process's device: its GPU (LOCAL_RANK, set by torchrun) or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def init_distributed() -> torch.device:
     """Join the process group torchrun describes (nccl on GPUs, gloo on CPU); return this rank's device."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = rank_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
@@ -177,30 +180,40 @@ def _weight_files(directory: Path) -> list[Path]:
     return [single]
 
 
-def load_base_weights(model: LoraFAModel, directory) -> None:
-    """Collective: fill the sharded model's base weights from a Hugging Face safetensors checkpoint.
+def _local_rows(weight_slice, param: DTensor) -> DTensor:
+    """This rank's rows of a checkpoint tensor, read from disk alone, as the DTensor shard FSDP2 expects.
 
-    Rank 0 reads one file at a time (cast to the parameter's dtype) and broadcasts it tensor by tensor;
-    every rank keeps its shard. Peak memory on rank 0: one checkpoint file.
+    FSDP2 splits dim 0 as torch.chunk does: ceil(rows / ranks) rows per rank, the last ranks may get fewer.
+    """
+    if param.placements != (Shard(0),):
+        raise ConfigError(f"fsdp: expected parameters sharded on dim 0, got {param.placements}")
+    mesh = param.device_mesh
+    chunk = -(-param.shape[0] // mesh.size())
+    start = min(param.shape[0], mesh.get_local_rank() * chunk)
+    # A copy: the slice is a view of the memory-mapped file, which must not back a parameter.
+    local = weight_slice[start : start + chunk].to(device=rank_device(), dtype=param.dtype, copy=True)
+    return DTensor.from_local(local, mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def load_base_weights(model: LoraFAModel, directory) -> None:
+    """Fill a sharded model's meta-device base weights from a Hugging Face safetensors checkpoint.
+
+    Each rank reads only its own rows of each tensor (safetensors reads slices without loading the rest),
+    so no rank ever holds a whole tensor and nothing is sent between ranks. Every rank must see the files.
     """
     directory = Path(directory)
     targets = _checkpoint_keys(model)
-    dtypes = {name: p.dtype for name, p in model.named_parameters()}
-    files = _weight_files(directory) if dist.get_rank() == 0 else None
-    box = [files]
-    dist.broadcast_object_list(box, src=0)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    params = dict(model.named_parameters())
     tied = _tied_parameters(model)
-    for path in box[0]:
-        state: dict[str, torch.Tensor] = {}
-        if dist.get_rank() == 0:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    for name in targets.get(key, []):
-                        state[name] = f.get_tensor(key).to(dtypes[name])
-        set_model_state_dict(model, state, options=options)
-        for module, name, owner, owner_name in tied:  # loading replaced the owner's parameter object
-            setattr(module, name, getattr(owner, owner_name))
+    loaded: dict[str, DTensor] = {}
+    for path in _weight_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                for name in targets.get(key, []):
+                    loaded[name] = _local_rows(f.get_slice(key), params[name])
+    model.load_state_dict(loaded, strict=False, assign=True)
+    for module, name, owner, owner_name in tied:  # assign replaced the owner's parameter
+        setattr(module, name, getattr(owner, owner_name))
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ConfigError(f"{directory}: no weight for {missing[0]} in its safetensors files ({len(missing)} missing)")
