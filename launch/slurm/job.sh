@@ -9,7 +9,8 @@
 #   LORAFA_MAX_REQUEUES  stop requeueing after this many restarts (default 20)
 #   LORAFA_DRY_RUN=1     print each node's hostfile and command (node.sh) instead of starting srun
 #   NCCL_DEBUG           WARN; INFO prints the network NCCL chose, for a job that hangs at start-up
-#   TORCH_NCCL_ASYNC_ERROR_HANDLING  1: a failed or timed-out collective aborts the job instead of hanging
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING  1: a failed or timed-out collective aborts its NCCL communicators and
+#                        ends the process, so the job fails instead of hanging (torch's default 3 skips the abort)
 #   Passed through when set (cluster-specific, so no default): NCCL_SOCKET_IFNAME (interface for
 #   bootstrap and socket traffic, e.g. ib0 or ^lo,docker), NCCL_IB_HCA (InfiniBand adapters to use),
 #   NCCL_IB_DISABLE=1 (no InfiniBand: use sockets), NCCL_NET_GDR_LEVEL (GPUDirect RDMA distance).
