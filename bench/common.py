@@ -66,7 +66,7 @@ def train_step(model, optimizer, ids: torch.Tensor) -> float:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def machine() -> str:
