@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "print the hostfile and each node's command with their real names")
     slurm.add_argument("--master-port", type=int, help="rendezvous port on the head node (default 29500)")
     slurm.add_argument("--warning-seconds", type=int, default=600,
-                       help="seconds before the time limit at which the trainer checkpoints (--signal)")
+                       help="seconds before the time limit at which the trainer is told to finish its step and "
+                       "checkpoint (--signal); allow a step plus a checkpoint write")
     add("--output-dir", help="training output directory (default: runs/<preset>)")
     add("--job-dir", help="where job.sbatch is written (default: <output-dir>/slurm)")
     add("--overwrite", action="store_true", help="replace an existing job.sbatch")
@@ -236,7 +237,8 @@ def _launch(args, extra: list[str], argv: list[str]) -> int:
     template = (SLURM_DIR / TEMPLATES[preset.strategy]).read_text()
     command = shlex.join(["lorafa-scale", "launch", *argv]).replace("\n", "\\n")  # stays one comment line
     preamble = [f"# Written by: {command}", f"export LORAFA_ROOT={shlex.quote(str(REPO_ROOT))}",
-                f"export GPUS_PER_NODE={args.gpus_per_node}"]
+                f"export GPUS_PER_NODE={args.gpus_per_node}",
+                f"export SHUTDOWN_TIMEOUT={args.warning_seconds}"]  # torchrun waits as long for the checkpoint
     if ds_config is not None:
         preamble.append(f"export LORAFA_DS_CONFIG={shlex.quote(str(ds_config))}")
     if args.master_port:

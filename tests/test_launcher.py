@@ -101,14 +101,16 @@ def test_training_options_are_passed_literally_never_run(tmp_path, monkeypatch, 
 def test_written_job_is_a_valid_sbatch_script_and_is_not_overwritten(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["--preset", "llama-3-70b", "--nodes", "8", "--global-batch", "512", "--time", "2-00:00:00",
-            "--output-dir", "out", "--master-port", "31001"]
+            "--output-dir", "out", "--master-port", "31001", "--warning-seconds", "900"]
     assert main(args) == 0
     job = tmp_path / "out" / "slurm" / "job.sbatch"
     text = job.read_text()
     options = parse_sbatch_options(text)
-    assert {k: options[k] for k in ("nodes", "gpus-per-node", "ntasks-per-node", "time", "chdir", "output")} == {
+    keys = ("nodes", "gpus-per-node", "ntasks-per-node", "time", "chdir", "output", "signal")
+    assert {k: options[k] for k in keys} == {
         "nodes": "8", "gpus-per-node": "8", "ntasks-per-node": "1", "time": "2-00:00:00", "chdir": str(tmp_path),
-        "output": f"{tmp_path}/out/slurm/%x-%j.out"}
+        "output": f"{tmp_path}/out/slurm/%x-%j.out", "signal": "B:USR1@900"}
+    assert "export SHUTDOWN_TIMEOUT=900" in text  # torchrun gives the workers as long to checkpoint
     assert not any("$" in line for line in text.splitlines() if line.startswith("#SBATCH"))
     assert f"export LORAFA_DS_CONFIG={REPO_ROOT}/ds_configs/zero3.json" in text
     assert "Meta-Llama-3-70B: zero3, 8 node(s) x 8 GPU(s), micro batch 2 x 4096" in capsys.readouterr().out
