@@ -104,7 +104,7 @@ JOB_ENV = dict(SLURM_JOB_ID=77, SLURM_NNODES=2, SLURM_JOB_NODELIST="gpu[1-2]", S
                                                    ("deepspeed.sbatch", ["--config", str(ROOT / "ds_configs/zero3.json")])])
 def test_sbatch_script_renders_every_node(template, engine_args):
     """The sbatch script itself, run as Slurm would (after a requeue), in dry-run mode."""
-    result = run(SLURM / template, ["--max-steps", "3"], LORAFA_DRY_RUN=1, SLURM_SUBMIT_DIR=ROOT,
+    result = run(SLURM / template, ["--max-steps", "3", "--overwrite"], LORAFA_DRY_RUN=1, SLURM_SUBMIT_DIR=ROOT,
                  SLURM_GPUS_PER_NODE="h100:8", SLURM_RESTART_COUNT=1, NCCL_SOCKET_IFNAME="ib0", **JOB_ENV)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -113,7 +113,7 @@ def test_sbatch_script_renders_every_node(template, engine_args):
     assert len(commands) == 2
     for node, command in enumerate(commands):
         train_args = command[command.index(TRAIN) + 1:]
-        assert train_args == [*engine_args, "--max-steps", "3", "--resume", "auto"]  # requeued: resume
+        assert train_args == [*engine_args, "--max-steps", "3", "--resume", "auto"]  # requeued: resume, never afresh
         rank_flag = "--node-rank" if template == "fsdp.sbatch" else "--node_rank"
         assert command[command.index(rank_flag) + 1] == str(node)
     if template == "deepspeed.sbatch":

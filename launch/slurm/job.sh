@@ -33,7 +33,12 @@ restarts=${SLURM_RESTART_COUNT:-0}
 
 train_args=("$@")
 if ((restarts > 0)); then
-  train_args+=(--resume auto)  # a requeued job continues from the newest complete checkpoint
+  # A requeued job continues from the newest complete checkpoint; it never starts afresh.
+  kept=()
+  for arg in "${train_args[@]}"; do
+    if [[ $arg != --overwrite ]]; then kept+=("$arg"); fi
+  done
+  train_args=("${kept[@]}" --resume auto)
 fi
 echo "job $SLURM_JOB_ID restart $restarts: $SLURM_NNODES nodes ($SLURM_JOB_NODELIST) x $GPUS_PER_NODE processes"
 env | grep -E '^(NCCL|TORCH_NCCL)_' | sort || true
@@ -70,7 +75,7 @@ done
 
 if ((rc == exit_preempted || (warned && rc != 0))); then
   if ((restarts < ${LORAFA_MAX_REQUEUES:-20})); then
-    echo "job.sh: checkpointed before the time limit (exit $rc): requeueing job $SLURM_JOB_ID"
+    echo "job.sh: the trainer checkpointed and stopped (exit $rc): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi
