@@ -315,6 +315,9 @@ class FSDPStrategy(Strategy):
 
     def __init__(self, args):
         super().__init__(args.grad_accum, args.max_grad_norm)
+        if getattr(args, "quantization", "none") == "none" and not Path(args.model).is_dir():
+            raise ConfigError(f"--model {args.model}: --fsdp reads the base weights from a local directory; "
+                              f"download it first (huggingface-cli download {args.model} --local-dir DIR)")
         self.args = args
         self.mixed_precision = {"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, "fp32")
         self._device = init_distributed()

@@ -26,7 +26,7 @@ from lorafa_scale.metrics import read_metrics
 from lorafa_scale.quantization import load_model as load_quantized
 from lorafa_scale.strategy import Strategy
 from tests.tiny_models import save_tiny_llama, tiny_llama
-from tests.workers.fsdp_train import LR, SEED, STEPS, global_batches, lora_config
+from tests.workers.fsdp_train import LR, SEED, STEPS, VOCAB, global_batches, lora_config
 
 ROOT = Path(__file__).parents[1]
 WORKER = ROOT / "tests" / "workers" / "fsdp_train.py"
@@ -55,7 +55,8 @@ def accelerate_launch(*argv) -> None:
 def runs(tmp_path_factory):
     """(output dir, model dir, what the worker's rank 0 reported)."""
     out = tmp_path_factory.mktemp("fsdp")
-    model_dir = Path(save_tiny_llama(out / "model", tie_word_embeddings=True))  # a tied head must stay tied
+    # A tied head must stay tied; an odd vocabulary size shards unevenly.
+    model_dir = Path(save_tiny_llama(out / "model", tie_word_embeddings=True, vocab_size=VOCAB))
     torchrun(WORKER, model_dir, out)
     return out, model_dir, json.loads((out / "train.json").read_text())
 
@@ -186,6 +187,13 @@ def test_bad_model_directory_is_named(tmp_path):
     tiny_llama().config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_model(tmp_path, lora_config())
+
+
+def test_train_script_needs_a_local_model_directory(tmp_path, capsys):
+    from lorafa_scale.trainer import main
+
+    assert main(["--fsdp", "--model", "some-org/some-model", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--model some-org/some-model: --fsdp reads the base weights from a local directory" in capsys.readouterr().err
 
 
 def test_bad_options_are_named(tmp_path):

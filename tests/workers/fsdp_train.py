@@ -24,7 +24,7 @@ from lorafa_scale.fsdp import FSDPStrategy, init_adapters, load_model
 from lorafa_scale.quantization import load_model as load_quantized
 
 SEED, STEPS, LR = 7, 4, 1e-2
-GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 128
+GLOBAL_BATCH, SEQ, VOCAB = 4, 16, 127  # 127 rows of embeddings: uneven shards (64 + 63)
 
 
 def lora_config(dropout: float = 0.0) -> LoraFAConfig:
