@@ -76,8 +76,9 @@ def render_sbatch(template: str, options: dict[str, str], preamble: list[str]) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorafa-scale launch", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="lorafa-scale launch", description=__doc__, usage="%(prog)s [options] "
+                                "[-- launch/train.py options]", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add = p.add_argument
     add("--preset", help=f"a model of lorafa_scale/presets.py ({', '.join(GEOMETRIES)}), or a local model folder "
         "(or its config.json) of a Llama-layout model, whose size picks the defaults")
