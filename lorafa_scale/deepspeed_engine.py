@@ -308,7 +308,8 @@ def save_adapter(engine_or_model, directory) -> None:
 def save_checkpoint(engine, directory, tag: str = ENGINE_TAG, client_state: dict | None = None) -> None:
     """Collective: DeepSpeed checkpoint of the trained parameters, optimizer and scheduler (never the frozen
     base), plus the frozen A, which DeepSpeed does not restore, in <directory>/<tag>/frozen_adapter.safetensors."""
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state or {}, exclude_frozen_parameters=True)
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state or {}, save_latest=False,
+                           exclude_frozen_parameters=True)
     frozen = adapter_state_dict(engine, frozen_only=True, rank0_only=True)
     if frozen:
         save_file(frozen, str(Path(directory) / tag / FROZEN_ADAPTER_NAME), metadata={"format": "pt"})
