@@ -59,6 +59,9 @@ def rank_device() -> torch.device:
 
 def init_distributed() -> torch.device:
     """Join the process group torchrun describes (nccl on GPUs, gloo on CPU); return this rank's device."""
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        raise ConfigError("fsdp: RANK is not set; start the processes with torchrun --nproc_per_node N "
+                          "(or accelerate launch)")
     device = rank_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -189,11 +189,13 @@ def test_bad_model_directory_is_named(tmp_path):
         load_model(tmp_path, lora_config())
 
 
-def test_train_script_needs_a_local_model_directory(tmp_path, capsys):
+def test_train_script_errors_name_the_fix(tmp_path, capsys):
     from lorafa_scale.trainer import main
 
     assert main(["--fsdp", "--model", "some-org/some-model", "--output-dir", str(tmp_path / "run")]) == 2
     assert "--model some-org/some-model: --fsdp reads the base weights from a local directory" in capsys.readouterr().err
+    assert main(["--fsdp", "--model", save_tiny_llama(tmp_path / "model"), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "start the processes with torchrun" in capsys.readouterr().err
 
 
 def test_bad_options_are_named(tmp_path):
