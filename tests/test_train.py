@@ -141,6 +141,17 @@ def test_gradient_accumulation_equals_a_large_micro_batch(tmp_path):
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))
 
 
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    common = ["--max-steps", "3", "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-len", "64",
+              "--save-every", "0", "--lr", "1e-2"]  # dropout on: recomputation must redraw the same masks
+    assert _in_process(tmp_path / "plain", *common) == 0
+    assert _in_process(tmp_path / "recompute", "--gradient-checkpointing", *common) == 0
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "recompute"), rel=1e-6)
+    a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "recompute")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5)
+
+
 @pytest.fixture
 def poisoned_model(tmp_path):
     """A tiny Llama whose embedding of '!' is NaN: any example containing '!' has a non-finite loss."""

@@ -56,17 +56,18 @@ def test_invalid_json_config_names_file_and_line(tmp_path):
         parse_args(["--config", str(config)], world_size=1)
 
 
-def test_recipe_errors_name_the_recipe(tmp_path):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("learning_rate: 0.1\n", "unknown option 'learning_rate'"),
+        ("lr: fast\n", "argument --lr: invalid float value"),
+        ("quantization: int4\n", "argument --quantization: invalid choice"),
+        ("lr: [1, 2\n", "invalid YAML"),
+        ("- lr\n", "expected a mapping of option: value"),
+    ],
+)
+def test_recipe_errors_name_the_recipe(tmp_path, content, message):
     recipe = tmp_path / "run.yaml"
-    recipe.write_text("learning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match=rf"--recipe {recipe}: unknown option 'learning_rate'"):
-        parse_args(["--recipe", str(recipe)], world_size=1)
-    recipe.write_text("lr: fast\n")
-    with pytest.raises(ConfigError, match=rf"--recipe {recipe}: argument --lr: invalid float value"):
-        parse_args(["--recipe", str(recipe)], world_size=1)
-    recipe.write_text("quantization: int4\n")
-    with pytest.raises(ConfigError, match=rf"--recipe {recipe}: argument --quantization: invalid choice"):
-        parse_args(["--recipe", str(recipe)], world_size=1)
-    recipe.write_text("lr: [1, 2\n")
-    with pytest.raises(ConfigError, match=rf"--recipe {recipe}: invalid YAML"):
+    recipe.write_text(content)
+    with pytest.raises(ConfigError, match=rf"--recipe {recipe}: {message}"):
         parse_args(["--recipe", str(recipe)], world_size=1)
