@@ -194,8 +194,9 @@ def _memory_plan(preset: Preset, args, ds_config: Path | None) -> str:
 def node_commands(script: str, nodes: int, nodelist: str | None) -> str:
     """Each node's hostfile and launch command: the script run with LORAFA_DRY_RUN=1 in a stand-in Slurm
     environment (node names from `nodelist`, else node1..nodeN)."""
-    env = {**os.environ, "LORAFA_DRY_RUN": "1", "SLURM_JOB_ID": "JOBID", "SLURM_NNODES": str(nodes),
-           "SLURM_JOB_NODELIST": nodelist or f"node[1-{nodes}]"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # not the allocation we run in
+    env.update({"LORAFA_DRY_RUN": "1", "SLURM_JOB_ID": "JOBID", "SLURM_NNODES": str(nodes),
+                "SLURM_JOB_NODELIST": nodelist or f"node[1-{nodes}]"})
     result = subprocess.run(["bash", "-s"], input=script, env=env, capture_output=True, text=True, timeout=120)
     if result.returncode:
         raise ConfigError(f"rendering the job failed: {result.stderr.strip()}")
