@@ -15,7 +15,7 @@ own rows of each tensor from the safetensors files.
 
 Checkpoints (FSDPStrategy.save_checkpoint) are gathered, not sharded on disk: A and B in safetensors and
 the optimizer state gathered to full tensors keyed by parameter name (torch.save of tensors only, read back
-with weights_only=True). They are small (A, B and two Adam moments of B) and resume on any number of ranks.
+with weights_only=True), written by rank 0. They are small: A, B and two Adam moments of B.
 torch.distributed.checkpoint would write per-rank shards but reads its metadata with pickle.
 """
 
@@ -371,7 +371,7 @@ class FSDPStrategy(Strategy):
         self.barrier()
 
     def load_checkpoint(self, directory) -> dict:
-        """Collective: restore a checkpoint written with any number of ranks."""
+        """Collective: restore what save_checkpoint wrote (after setup); return the client state."""
         directory = Path(directory)
         load_adapter_state_dict(self.model, load_file(str(directory / ADAPTER_WEIGHTS_NAME)), str(directory))
         optimizer = torch.load(directory / OPTIMIZER_NAME, weights_only=True) if self.is_main() else {}
