@@ -12,23 +12,17 @@ by LoraFALinear, and fully trained copies (modules_to_save) are upcast after inj
 
 Merging. A merged 4-bit model is rarely what anyone wants: re-quantizing W + s B A rounds it to the 4-bit
 grid, whose step is far larger than a trained delta, so most of the adapter is lost (`merge_and_unload`
-reports how much, per layer). `export_merged` instead writes a full-precision merged checkpoint from the
+reports how much, per layer). merge.export_merged instead writes a full-precision merged checkpoint from the
 base model's safetensors shards, one shard in memory at a time, so a 70B merge needs one shard's RAM.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from . import peft_format
-from .backends import find_backend
 from .config import ConfigError, LoraFAConfig
 from .model import LoraFAModel, get_peft_model
 
@@ -146,97 +140,3 @@ def merge_and_unload(peft_model: LoraFAModel) -> tuple[torch.nn.Module, dict[str
         after = dequantize(module.base_layer).double()
         errors[name] = float((after - before - delta).norm() / delta.norm().clamp_min(1e-30))
     return peft_model.merge_and_unload(), errors
-
-
-def _checkpoint_shards(base_dir: Path) -> list[str]:
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    if (base_dir / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    raise ConfigError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (export needs safetensors)")
-
-
-def _roundtrip(weight: torch.Tensor, quantization_config) -> torch.Tensor:
-    """What `weight` becomes once loaded with quantization_config: quantized, then dequantized."""
-    import bitsandbytes as bnb
-
-    out_features, in_features = weight.shape
-    if quantization_config.load_in_8bit:
-        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
-        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-    else:
-        layer = bnb.nn.Linear4bit(
-            in_features, out_features, bias=False, quant_type=quantization_config.bnb_4bit_quant_type,
-            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
-            quant_storage=quantization_config.bnb_4bit_quant_storage,
-        )
-        layer.weight = bnb.nn.Params4bit(
-            weight, requires_grad=False, quant_type=quantization_config.bnb_4bit_quant_type,
-            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
-            quant_storage=quantization_config.bnb_4bit_quant_storage, module=layer,
-        )
-    layer.to("cpu")  # quantizes
-    return find_backend(layer).dequantized_weight(layer)
-
-
-def export_merged(adapter_dir, base_dir, out_dir, *, quantization: str = "none",
-                  dtype: torch.dtype | str = torch.bfloat16, double_quant: bool = True) -> Path:
-    """Write base + adapter as a full-precision checkpoint in `out_dir`, shard by shard.
-
-    Each shard of the base safetensors checkpoint is read, every adapted weight W becomes W + s B A (in
-    fp32, stored back in W's dtype), tensors the adapter trains in full (modules_to_save, biases) are
-    replaced, and the shard is written before the next is read. Given the quantization (and dtype,
-    double_quant) the adapter was trained with, W is first replaced by what loading it that way gives
-    (cast, quantized, dequantized), so the export computes what the quantized model plus adapter computed
-    in training. out_dir must not exist yet; it appears only once complete.
-    """
-    adapter_dir, base_dir, out_dir = Path(adapter_dir), Path(base_dir), Path(out_dir)
-    quantization_config = bnb_config(quantization, dtype, double_quant)
-    dtype = resolve_dtype(dtype)
-    config = peft_format.load_config(adapter_dir)
-    adapter = peft_format.load_weights(adapter_dir)
-    shards = _checkpoint_shards(base_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir}: already exists; export_merged never overwrites")
-    prefix = "base_model.model."
-    pairs = {}  # base weight key -> (lora_A key, lora_B key)
-    replaced = {}  # base key -> adapter key, for tensors trained in full
-    for key in adapter:
-        if key.endswith(".lora_A.weight"):
-            module = key[len(prefix):-len(".lora_A.weight")]
-            pairs[module + ".weight"] = (key, key.replace(".lora_A.", ".lora_B."))
-        elif not key.endswith(".lora_B.weight"):
-            replaced[key[len(prefix):]] = key
-    base_keys = set()
-    for shard in shards:
-        with safe_open(str(base_dir / shard), framework="pt") as reader:
-            base_keys.update(reader.keys())
-    missing = sorted((set(pairs) | set(replaced)) - base_keys)
-    if missing:
-        raise peft_format.AdapterFormatError(f"{adapter_dir}: adapter tensors with no base weight in {base_dir}: {missing[:3]}")
-
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    for shard in shards:
-        tensors = {}
-        with safe_open(str(base_dir / shard), framework="pt") as reader:
-            metadata = reader.metadata()
-            for key in reader.keys():
-                tensor = reader.get_tensor(key)
-                if key in pairs:
-                    a_key, b_key = pairs[key]
-                    base = _roundtrip(tensor.to(dtype), quantization_config) if quantization_config else tensor
-                    delta = (adapter[b_key].float() @ adapter[a_key].float()) * config.scaling
-                    tensor = (base.float() + delta).to(tensor.dtype)
-                elif key in replaced:
-                    tensor = adapter[replaced[key]].to(tensor.dtype)
-                tensors[key] = tensor.contiguous()
-        save_file(tensors, str(tmp_dir / shard), metadata=metadata)
-        del tensors  # one shard in memory at a time
-    for extra in base_dir.iterdir():  # config, index, tokenizer, generation config
-        if extra.is_file() and not extra.name.endswith(".safetensors"):
-            shutil.copy2(extra, tmp_dir / extra.name)
-    os.replace(tmp_dir, out_dir)
-    return out_dir

@@ -11,12 +11,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorafa_scale import ConfigError, LoraConfig, LoraFALinear
+from lorafa_scale import AdapterFormatError, ConfigError, LoraConfig, LoraFALinear, get_peft_model
 from lorafa_scale.backends import find_backend
-from lorafa_scale.quantization import export_merged, load_model, merge_and_unload
+from lorafa_scale.cli import main as cli
+from lorafa_scale.merge import export_merged
+from lorafa_scale.quantization import load_model, merge_and_unload
 from tests.test_layer import OneLinear, activation_bytes
 from tests.test_model import ids, logits, train_b
-from tests.tiny_models import save_tiny_llama
+from tests.tiny_models import save_tiny_llama, tiny_llama
 
 IN, OUT, R, ALPHA = 256, 512, 16, 32
 # (kind, compute dtype, quant_storage, double quantization); a bf16 quant_storage is the ZeRO-3 / FSDP setting.
@@ -210,11 +212,12 @@ def merged_tensors(directory):
     return {k: v for shard in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(str(shard)).items()}
 
 
-def test_export_merged_adds_the_delta_shard_by_shard(trained_nf4, checkpoint, tmp_path):
+def test_merge_command_adds_the_delta_shard_by_shard(trained_nf4, checkpoint, tmp_path, capsys):
     model, adapter_dir, _ = trained_nf4
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(checkpoint).save_pretrained(sharded, max_shard_size="100KB")
-    out = export_merged(adapter_dir, sharded, tmp_path / "merged", dtype="fp32")
+    out = tmp_path / "merged"
+    assert cli(["merge", str(adapter_dir), str(sharded), str(out)]) == 0
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))
     assert len(shards) > 2 and sorted(p.name for p in out.glob("*.safetensors")) == shards
     assert (out / "model.safetensors.index.json").read_text() == (sharded / "model.safetensors.index.json").read_text()
@@ -226,6 +229,10 @@ def test_export_merged_adds_the_delta_shard_by_shard(trained_nf4, checkpoint, tm
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     with pytest.raises(FileExistsError, match="merged"):
         export_merged(adapter_dir, sharded, out)
+    capsys.readouterr()
+    assert cli(["merge", str(adapter_dir), str(sharded), str(out)]) == 2  # nothing overwritten
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("lorafa-scale merge: error:")
 
 
 def test_export_merged_onto_the_trained_nf4_weights_gives_the_trained_logits(trained_nf4, checkpoint, tmp_path):
@@ -237,6 +244,14 @@ def test_export_merged_onto_the_trained_nf4_weights_gives_the_trained_logits(tra
     torch.testing.assert_close(merged.double(), expected, rtol=0, atol=1e-6)  # the round trip is the loaded nf4
     full = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(logits(full), logits(model.eval()), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_refuses_an_adapter_of_another_model_before_writing(checkpoint, tmp_path):
+    other = get_peft_model(tiny_llama(hidden_size=32), LoraConfig(r=4, target_modules=["q_proj"]))
+    other.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AdapterFormatError, match=r"q_proj.weight is \[32, 32\] in the adapter but \[64, 64\]"):
+        export_merged(tmp_path / "adapter", checkpoint, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.tmp").exists()
 
 
 def test_bad_quantization_settings_fail_before_loading(tmp_path):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_grad
 
 from lorafa_scale import LoraFAConfig
-from lorafa_scale.deepspeed_engine import DeepSpeedStrategy, load_model, save_adapter
+from lorafa_scale.deepspeed_engine import DeepSpeedStrategy, adapter_state_dict, load_model, save_adapter
 
 MICRO, ACCUM, WORLD = 2, 2, 2  # per-rank micro-batch, accumulation, ranks
 RESUME_AT, LR, WEIGHT_DECAY, CLIP = 2, 1e-2, 0.01, 0.5
@@ -147,6 +147,7 @@ def main():
               "optimizer_params": sum(getattr(p, "ds_numel", p.numel()) for group in managed for p in group),
               "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)}
 
+    uninterrupted_strategy, uninterrupted_engine = strategy, engine
     model, strategy, optimizer, scheduler = build(args, seed=2)
     save_adapter(model, out / "fresh_adapter")  # a different A, which resuming must replace
     engine = strategy.setup(model, optimizer, scheduler)
@@ -154,6 +155,19 @@ def main():
     resumed_losses, _ = train(strategy, engine, batches, range(client_state["step"], steps))
     strategy.save_adapter(out / "resumed_adapter")
     result["resumed_losses"] = resumed_losses
+
+    # skip_step (a non-finite loss) drops a whole window: then one more step must equal the same step taken by
+    # the uninterrupted engine, which never saw the dropped window.
+    before = adapter_state_dict(engine)
+    for ids in batches[1]:
+        mine = ids[rank * MICRO:(rank + 1) * MICRO]
+        strategy.backward(engine(input_ids=mine, labels=mine).loss)
+    strategy.skip_step()
+    result["skip_changed_adapter"] = any(not torch.equal(t, before[k]) for k, t in adapter_state_dict(engine).items())
+    train(strategy, engine, batches, [0])
+    train(uninterrupted_strategy, uninterrupted_engine, batches, [0])
+    after, expected = adapter_state_dict(engine), adapter_state_dict(uninterrupted_engine)
+    result["after_skip_max_diff"] = max(float((after[k] - expected[k]).abs().max()) for k in after)
 
     if args.stage == 3:
         ids = batches[0][0][rank * MICRO:(rank + 1) * MICRO]
