@@ -180,6 +180,28 @@ def token_loss_sum(module, batch: dict, device) -> torch.Tensor:
                            reduction="sum")
 
 
+def forward_backward(module, strategy: Strategy, micro_batches, stop_requested: bool) -> tuple[float, int, bool]:
+    """Collective: the forward and backward passes of one optimizer step on every rank.
+
+    Returns the step's mean token loss over all ranks (nan if any rank's loss was not finite), the number
+    of input tokens over all ranks, and whether any rank asked to stop.
+    """
+    counts = torch.tensor([sum(trained_tokens(b) for b in micro_batches),
+                           sum(int(b["attention_mask"].sum()) for b in micro_batches)], dtype=torch.float64)
+    step_tokens, step_inputs = strategy.all_reduce_sum(counts).tolist()
+    scale = strategy.grad_accum * strategy.world_size / step_tokens  # see the module docstring
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for batch in micro_batches:
+        loss = token_loss_sum(module, batch, strategy.device)
+        strategy.backward(loss * scale)
+        loss_sum += loss.detach().double().cpu()
+    finite = bool(torch.isfinite(loss_sum))
+    flags = torch.tensor([float(loss_sum) if finite else 0.0, float(not finite), float(stop_requested)],
+                         dtype=torch.float64)
+    total, nonfinite, stop = strategy.all_reduce_sum(flags).tolist()
+    return (float("nan") if nonfinite else total / step_tokens), int(step_inputs), bool(stop)
+
+
 @torch.no_grad()
 def evaluate(module, strategy: Strategy, examples, micro_batch_size: int, pad_id: int) -> float:
     """Mean token loss over the validation examples, shared out over ranks.
@@ -225,10 +247,20 @@ def _share_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
 
 
+def _quiet_unless_main() -> None:
+    """Ranks other than 0 print only errors: no transformers progress bars or warnings from each of them."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
 # -- the job ---------------------------------------------------------------------------------------------
 def train(args: TrainArgs) -> int:
     """Run the job; return the process exit code (0, EXIT_PREEMPTED or EXIT_DIVERGED)."""
     _share_cpu_threads()
+    _quiet_unless_main()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     embedded_job = args.embedded
     if embedded_job:
@@ -253,6 +285,8 @@ def train(args: TrainArgs) -> int:
     dataset = args.dataset or embedded.sample_dataset_path()
     data = load_dataset(dataset, tokenizer, args.seq_len, args.packing,
                         args.val_fraction if args.eval_every else 0.0, args.seed)
+    if args.eval_every and not data.validation:
+        raise DataError(f"--eval-every {args.eval_every}: {dataset} leaves no validation example")
     schedule = BatchSchedule(data.train, args.global_batch_size, args.micro_batch_size, args.seed,
                              tokenizer.pad_token_id)
     total_steps = args.max_steps or args.epochs * schedule.steps_per_epoch
@@ -293,19 +327,9 @@ def train(args: TrainArgs) -> int:
         while state["step"] < total_steps:
             started = time.perf_counter()
             micro_batches = schedule.micro_batches(state["step"], strategy.rank, strategy.world_size)
-            counts = torch.tensor([sum(trained_tokens(b) for b in micro_batches),
-                                   sum(int(b["attention_mask"].sum()) for b in micro_batches)], dtype=torch.float64)
-            step_tokens, step_inputs = strategy.all_reduce_sum(counts).tolist()
-            scale = args.grad_accum * strategy.world_size / step_tokens
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for batch in micro_batches:
-                loss = token_loss_sum(module, batch, strategy.device)
-                strategy.backward(loss * scale)
-                loss_sum += loss.detach().double().cpu()
-            flags = torch.tensor([float(loss_sum), float(not torch.isfinite(loss_sum)), float(signals.received
-                                  is not None)], dtype=torch.float64)
-            reduced = strategy.all_reduce_sum(torch.nan_to_num(flags, nan=0.0, posinf=0.0, neginf=0.0))
-            nonfinite, stop = bool(reduced[1]), bool(reduced[2])
+            loss_value, step_inputs, stop = forward_backward(module, strategy, micro_batches,
+                                                             signals.received is not None)
+            nonfinite = not math.isfinite(loss_value)
             lr = optimizer.param_groups[0]["lr"]
             if nonfinite:
                 strategy.skip_step()
@@ -317,7 +341,6 @@ def train(args: TrainArgs) -> int:
                 state["nonfinite_in_a_row"] = 0
             state["step"] += 1
             step = state["step"]
-            loss_value = float(reduced[0]) / step_tokens if not nonfinite else float("nan")
             tokens_per_s = step_inputs / (time.perf_counter() - started)
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")
