@@ -8,7 +8,7 @@ nothing for the optimizer, costs 2 extra bytes per value, and makes the logits a
 (bench/quantized_memory.py: +83% parameter bytes, +36% bytes kept for backward on a small Llama with LoRA-FA
 on all linear layers). `prepare_for_training` keeps every frozen
 parameter in the dtype it was loaded in and upcasts only what is trained: the adapters are created in fp32
-by LoraFALinear, and fully trained copies (modules_to_save) are upcast after injection.
+by LoraFALinear, and fully trained copies (modules_to_save) get fp32 weights after injection.
 
 Merging. A merged 4-bit model is rarely what anyone wants: re-quantizing W + s B A rounds it to the 4-bit
 grid, whose step is far larger than a trained delta, so most of the adapter is lost (`merge_and_unload`
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, LoraFAConfig
-from .model import LoraFAModel, get_peft_model
+from .model import LoraFAModel, ModulesToSave, get_peft_model
 
 QUANTIZATION_CHOICES = ("none", "int8", "nf4", "fp4")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -86,10 +86,27 @@ def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def upcast_trainable_(model: torch.nn.Module) -> torch.nn.Module:
-    """Cast trainable parameters to fp32 (optimizer updates on bf16 weights lose small steps)."""
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+    """Give every fully trained copy (modules_to_save) fp32 weights, computing in fp32 inside it.
+
+    AdamW steps on bf16 weights lose updates smaller than bf16's resolution, so the copies keep fp32
+    master weights; their float inputs are cast to fp32 and their outputs back to the frozen original's
+    dtype, so the rest of the model keeps running in its own dtype. The adapters are fp32 already
+    (LoraFALinear); trainable biases (bias="all" / "lora_only") stay in their layer's dtype.
+    """
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSave):
+            continue
+        copy = wrapper.modules_to_save["default"]
+        if all(p.dtype == torch.float32 for p in copy.parameters() if p.is_floating_point()):
+            continue  # an fp32 model, or upcast before
+        dtype = next(p.dtype for p in wrapper.original_module.parameters() if p.is_floating_point())
+        copy.float()
+        copy.register_forward_pre_hook(
+            lambda _, args: tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        )
+        copy.register_forward_hook(
+            lambda _, args, out, dtype=dtype: out.to(dtype) if torch.is_tensor(out) and out.is_floating_point() else out
+        )
     return model
 
 

@@ -179,6 +179,13 @@ def test_bf16_load_upcasts_only_what_is_trained(checkpoint):
             assert param.dtype == torch.float32, name
         elif "lora_A" not in name:  # 4-bit weights too: packed in bf16 so ZeRO-3 / FSDP can shard them
             assert param.dtype == torch.bfloat16, name
+    # The fp32 head copy computes in fp32 and hands bf16 on, so the bf16 model trains around it.
+    x = ids()
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight
+    assert head.grad.dtype == torch.float32 and head.grad.abs().max() > 0
     # PEFT's prepare_model_for_kbit_training upcasts every frozen bf16 parameter.
     theirs = peft.prepare_model_for_kbit_training(load_model(checkpoint, "nf4", "bf16"))
     assert theirs.model.embed_tokens.weight.dtype == torch.float32
