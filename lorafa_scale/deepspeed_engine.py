@@ -181,15 +181,16 @@ def load_model(
     micro_batch_size: int | None = None,
     grad_accum: int | None = None,
     max_grad_norm: float | None = None,
-    quantization_config=None,
+    quantization: str = "none",
     trust_remote_code: bool = False,
 ) -> tuple[LoraFAModel, dict]:
     """Collective: load a causal LM with LoRA-FA adapters, partitioned from the start under ZeRO-3.
 
-    Returns the model and the resolved DeepSpeed config to pass to `wrap`. With a bitsandbytes
-    `quantization_config` each rank loads the quantized model (zero.Init cannot build quantized layers) and
-    deepspeed.initialize partitions it; 4-bit weights must then be stored in the model dtype
-    (bnb_4bit_quant_storage=dtype) so ZeRO-3 can flatten them with the rest.
+    Returns the model and the resolved DeepSpeed config to pass to `wrap`. With quantization "nf4" or "fp4"
+    each rank loads the 4-bit model (zero.Init cannot build quantized layers; see quantization.load_model,
+    which packs the 4-bit values in the model dtype so ZeRO-3 can flatten them with the rest) and `wrap`
+    partitions it. "int8" is refused under ZeRO-3: LLM.int8 layers keep their scales beside the weight
+    tensor, which ZeRO-3 would partition without them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -199,18 +200,17 @@ def load_model(
         ds_config, world_size=world_size(), micro_batch_size=micro_batch_size, grad_accum=grad_accum,
         max_grad_norm=max_grad_norm, hidden_size=getattr(hf_config, "hidden_size", None), dtype=dtype,
     )
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
-    if quantization_config is not None:
-        storage = getattr(quantization_config, "bnb_4bit_quant_storage", dtype)
-        if zero_stage(config) == 3 and getattr(quantization_config, "load_in_4bit", False) and storage != dtype:
-            raise DeepSpeedConfigError(
-                f"quantization_config.bnb_4bit_quant_storage={storage} must equal the model dtype {dtype} under ZeRO-3"
-            )
-        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, quantization_config=quantization_config,
-                                                     **kwargs)
-        return get_peft_model(model, lora_config), config
+    if quantization != "none":
+        from .quantization import load_model as load_quantized
+
+        if quantization == "int8" and zero_stage(config) == 3:
+            raise DeepSpeedConfigError("quantization='int8' cannot be partitioned by ZeRO-3; use nf4 or fp4")
+        model = load_quantized(model_name_or_path, quantization, dtype, lora_config,
+                               trust_remote_code=trust_remote_code)
+        return model, config
     with zero3_init_context(config):
-        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
         model = get_peft_model(model, lora_config)
     init_partitioned_adapters(model)
     return model, config

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from lorafa_scale import LoraFAModel
 from lorafa_scale.deepspeed_config import DeepSpeedConfigError, resolve_ds_config
 from lorafa_scale.peft_format import WEIGHTS_NAME
+from lorafa_scale.quantization import load_model as load_quantized
 from lorafa_scale.strategy import Strategy
 from tests.tiny_models import save_tiny_llama, tiny_llama_config
 from tests.workers import deepspeed_train as worker
@@ -46,10 +47,9 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def reference_run(model_dir, initial_adapter, batches):
+def reference_run(base, initial_adapter, batches):
     """Single process, whole global batch per micro-step: (losses, grad norms, adapter state dict)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = LoraFAModel.from_pretrained(model, initial_adapter, is_trainable=True)
+    model = LoraFAModel.from_pretrained(base, initial_adapter, is_trainable=True)
     strategy = Strategy(worker.ACCUM, worker.CLIP)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = worker.make_optimizer(trainable)
@@ -75,7 +75,8 @@ def launch(tmp_path_factory, stage: int):
     torch.save(batches, out / "batches.pt")
     torchrun(WORKER, "--model", model_dir, "--batches", out / "batches.pt", "--out", out, "--stage", stage)
     result = json.loads((out / "result.json").read_text())
-    return out, result, reference_run(model_dir, out / "initial_adapter", batches)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return out, result, reference_run(base, out / "initial_adapter", batches)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,19 @@ def test_sharded_training_matches_single_process(stage, request):
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(result["grad_norms"]), torch.tensor(norms), rtol=1e-5, atol=0)
     assert max(norms) > worker.CLIP  # clipping was exercised
+
+
+def test_zero3_on_a_4bit_base_matches_single_process(zero3):
+    out, result, _ = zero3
+    base = load_quantized(out / "model", "nf4", torch.float32)
+    losses, norms, reference = reference_run(base, out / "nf4_initial_adapter",
+                                             torch.load(out / "batches.pt", weights_only=True))
+    exported = adapter(out / "nf4_final_adapter")
+    for key, tensor in exported.items():
+        assert rel_diff(tensor, reference[key]) < 1e-5, key
+    torch.testing.assert_close(torch.tensor(result["nf4_losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(result["nf4_grad_norms"]), torch.tensor(norms), rtol=1e-5, atol=0)
+    assert 0.49 < result["nf4_held_fraction"] < 0.51  # the packed 4-bit weights are partitioned too
 
 
 @pytest.mark.parametrize("stage", [3, 2])

@@ -57,10 +57,11 @@ def ds_config(stage: int) -> dict:
     }
 
 
-def build(args, seed: int):
+def build(args, seed: int, quantization: str = "none"):
     torch.manual_seed(seed)  # rank 0's draw decides A; a different seed gives a different A
     model, config = load_model(args.model, lora_config(), ds_config(args.stage), dtype=torch.float32,
-                               micro_batch_size=MICRO, grad_accum=ACCUM, max_grad_norm=CLIP)
+                               micro_batch_size=MICRO, grad_accum=ACCUM, max_grad_norm=CLIP,
+                               quantization=quantization)
     strategy = DeepSpeedStrategy(SimpleNamespace(config=config, grad_accum=ACCUM, max_grad_norm=CLIP,
                                                  micro_batch_size=MICRO))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -178,6 +179,16 @@ def main():
         for name, kwargs in (("reentrant", {"use_reentrant": True}), ("non_reentrant", {"use_reentrant": False})):
             grads, result[f"saved_tensors_with_{name}_checkpointing"] = b_grads(engine, model, ids, kwargs)
             result[f"checkpointing_{name}_rel_diff"] = float((grads - plain).norm() / plain.norm())
+
+        # A 4-bit base: every rank loads it quantized (packed in fp32), and the engine partitions it.
+        model, strategy, optimizer, scheduler = build(args, seed=3, quantization="nf4")
+        save_adapter(model, out / "nf4_initial_adapter")
+        engine = strategy.setup(model, optimizer, scheduler)
+        result["nf4_held_fraction"] = (sum(p.ds_tensor.numel() for p in model.parameters())
+                                       / sum(p.ds_numel for p in model.parameters()))
+        result["nf4_losses"], result["nf4_grad_norms"] = train(strategy, engine, batches, range(steps))
+        strategy.save_adapter(out / "nf4_final_adapter")
+        result["nf4_alive_after_forward"] = gathered_alive_after_forward(engine, ids)
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result, indent=2))
 
