@@ -1,11 +1,11 @@
-"""A merged full-precision model from a base checkpoint and an adapter, one safetensors shard at a time.
+"""A merged full-precision model from a base checkpoint and an adapter, one tensor in memory at a time.
 
     lorafa-scale merge out/adapter path/to/llama out/merged [--quantization nf4 --dtype bf16]
 
 Merging into a quantized model in memory loses most of the adapter to re-quantization (see
 quantization.merge_and_unload), and merging a full-precision model in memory needs the whole model in RAM
-(70B in bf16: 140 GB), where other tools run out of memory. `export_merged` reads the base checkpoint shard
-by shard instead, so the peak is one shard plus the adapter.
+(70B in bf16: 140 GB), where other tools run out of memory. `export_merged` streams the base checkpoint
+tensor by tensor instead, so the peak is about one tensor plus the adapter.
 """
 
 from __future__ import annotations
