@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorafa_scale import AdapterFormatError, ConfigError, LoraConfig, LoraFALinear, get_peft_model
+from lorafa_scale import (
+    AdapterFormatError,
+    ConfigError,
+    LoraConfig,
+    LoraFALinear,
+    LoraFAModel,
+    get_peft_model,
+)
 from lorafa_scale.backends import find_backend
 from lorafa_scale.cli import main as cli
 from lorafa_scale.merge import export_merged
@@ -251,6 +258,17 @@ def test_export_merged_onto_the_trained_nf4_weights_gives_the_trained_logits(tra
     torch.testing.assert_close(merged.double(), expected, rtol=0, atol=1e-6)  # the round trip is the loaded nf4
     full = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(logits(full), logits(model.eval()), rtol=1e-4, atol=1e-4)
+
+
+def test_export_merged_onto_int8_weights_matches_the_loaded_int8_layer(trained_nf4, checkpoint, tmp_path):
+    _, adapter_dir, _ = trained_nf4  # any adapter of this geometry: only its delta matters here
+    out = export_merged(adapter_dir, checkpoint, tmp_path / "merged", quantization="int8", dtype="fp32")
+    model = LoraFAModel.from_pretrained(load_model(checkpoint, "int8", torch.float32), adapter_dir)
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    key = "model.layers.0.self_attn.v_proj.weight"
+    assert type(layer.base_layer) is bnb.nn.Linear8bitLt
+    expected = layer.backend.dequantized_weight(layer.base_layer).double() + layer.delta_weight().detach().double()
+    torch.testing.assert_close(merged_tensors(out)[key].double(), expected, rtol=0, atol=1e-6)
 
 
 def test_merge_refuses_an_adapter_of_another_model_before_writing(checkpoint, tmp_path):
