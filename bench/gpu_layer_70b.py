@@ -85,11 +85,12 @@ def main() -> None:
     results = {}
     for variant, (model, optimizer) in models.items():
         step(model, optimizer, x, grad)  # warm-up
-        kept, _ = measure_kept(lambda model=model: (model(x) * grad).sum(), model)
+        kept, _ = measure_kept(lambda model=model: model(x).sum(), model)  # sum() keeps nothing itself
         method = "lorafa" if variant == "ours" else "lora"
         job = Job(geometry, seq_len=seq, r=R, targets=ALL_TARGETS, method=method, lora_dropout=DROPOUT,
                   dtype="bf16", device=device.type)
-        planned = seq * activation_bytes_per_token(job)
+        rotary = 2 * seq * geometry.head_dim * 2  # cos and sin in bf16, kept once per position
+        planned = seq * activation_bytes_per_token(job) + rotary
         if device.type == "cuda":
             sync()
             torch.cuda.reset_peak_memory_stats()
