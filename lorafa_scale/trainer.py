@@ -153,8 +153,11 @@ def build_model(args: TrainArgs, strategy: Strategy):
         base = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
         if quantization is not None:
             prepare_for_training(base)  # keeps bitsandbytes' 4-bit CPU layers trainable after an eval pass
-        if args.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.gradient_checkpointing:  # non-reentrant: restores the RNG, so dropout masks repeat
+            if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.x
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
         model = get_peft_model(base, lora_config)
     return upcast_trainable_(model)

@@ -19,6 +19,8 @@ from lorafa_scale import trainer
 from lorafa_scale.checkpoint import complete_checkpoints
 from lorafa_scale.embedded import build_tokenizer
 from lorafa_scale.metrics import read_metrics
+from lorafa_scale.strategy import Strategy
+from lorafa_scale.train_args import parse_args
 from tests.tiny_models import save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +143,10 @@ def test_gradient_accumulation_equals_a_large_micro_batch(tmp_path):
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))
 
 
-def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, model_dir):
+    for flag, expected in (([], False), (["--gradient-checkpointing"], True)):
+        model = trainer.build_model(parse_args(["--model", str(model_dir), *flag]), Strategy())
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is expected
     common = ["--max-steps", "3", "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-len", "64",
               "--save-every", "0", "--lr", "1e-2"]  # dropout on: recomputation must redraw the same masks
     assert _in_process(tmp_path / "plain", *common) == 0
