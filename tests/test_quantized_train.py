@@ -24,7 +24,7 @@ def test_launch_train_nf4_end_to_end(tmp_path):
     # An evaluation between training steps: on AVX512-BF16 CPUs bitsandbytes would repack the 4-bit
     # weights for inference there, and training after it would break without the loader's fix.
     argv = [sys.executable, str(TRAIN_SCRIPT), "--model", str(base), "--quantization", "nf4", "--max-steps", "2",
-            "--eval-every", "1", "--seq-len", "64", "--output-dir", str(out)]
+            "--eval-every", "1", "--val-fraction", "0.02", "--seq-len", "64", "--output-dir", str(out)]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
