@@ -101,9 +101,11 @@ class LoraFATuner(nn.Module):
         heads = self._output_head_names()
         wrapped = []
         for name, module in list(self.model.named_modules()):
+            backend = find_backend(module)
+            if backend is not None:
+                backend.prepare(module)  # every layer gradients flow through, adapted or not
             if not name or isinstance(module, LoraFALinear) or not self._is_target(name, module, heads):
                 continue
-            backend = find_backend(module)
             if backend is None:
                 if cfg.target_modules == "all-linear" or isinstance(cfg.target_modules, str):
                     continue  # a regex may match containers; only linear layers are adapted

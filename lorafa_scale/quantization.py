@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .backends import find_backend
 from .config import ConfigError, LoraFAConfig
 from .model import LoraFAModel, ModulesToSave, get_peft_model
 
@@ -76,12 +77,14 @@ def prepare_for_training(model: torch.nn.Module) -> torch.nn.Module:
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit for a bf16 inference kernel at its first
     forward in eval mode without grad (an evaluation pass), and that kernel has no backward: training
-    after it gets silently wrong gradients. Turning the repack off keeps the training kernel throughout.
+    after it gets silently wrong gradients. The bitsandbytes backend's `prepare` turns the repack off
+    (get_peft_model also calls it, for models users quantize themselves).
     """
     model.requires_grad_(False)
     for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+        backend = find_backend(module)
+        if backend is not None:
+            backend.prepare(module)
     return model
 
 

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from lorafa_scale import (
     AdapterFormatError,
@@ -161,13 +161,22 @@ def test_adapter_trained_on_nf4_loads_in_peft_with_same_logits(trained_nf4, chec
     torch.testing.assert_close(logits(theirs.eval()), logits(model.eval()), rtol=1e-5, atol=1e-5)
 
 
-def test_an_evaluation_pass_does_not_change_training_gradients(checkpoint):
-    """bitsandbytes' CPU bf16 inference repack (AVX512-BF16 machines) has no backward; the loader turns it off."""
+@pytest.mark.parametrize("quantized_by", ["load_model", "user"])
+def test_an_evaluation_pass_does_not_change_training_gradients(checkpoint, quantized_by):
+    """bitsandbytes' CPU bf16 inference repack (AVX512-BF16 machines) has no backward; the bitsandbytes backend
+    turns it off in every 4-bit layer of a model get_peft_model adapts, also for a model the user quantized
+    and for layers that are not adapted but that gradients flow through (only q_proj is adapted there)."""
 
     def b_gradients(evaluate_first):
         torch.manual_seed(0)
-        model = load_model(checkpoint, "nf4", torch.float32, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                                                                        target_modules="all-linear"))
+        if quantized_by == "load_model":
+            model = load_model(checkpoint, "nf4", torch.float32, LoraConfig(
+                r=8, lora_alpha=16, init_lora_weights=False, target_modules="all-linear"))
+        else:
+            base = AutoModelForCausalLM.from_pretrained(checkpoint, device_map="cpu", quantization_config=(
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)))
+            model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                                    target_modules=["q_proj"]))
         if evaluate_first:
             logits(model.eval())
         x = ids()

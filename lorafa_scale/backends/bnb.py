@@ -30,6 +30,12 @@ class Linear4bitBackend(Backend):
         bnb = _bnb()
         return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
+    def prepare(self, module: torch.nn.Module) -> None:
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit for an inference kernel at its first
+        # eval forward without grad, and that kernel has no backward: gradients through the layer (adapted
+        # or not) would be silently wrong after an evaluation pass. Keep the training kernel.
+        module.support_avx512bf16_for_cpu = False
+
     def dequantized_weight(self, module: torch.nn.Module) -> torch.Tensor:
         """The (out x in) weight the layer computes with, in the quantization's float dtype."""
         import bitsandbytes.functional as bnbf

@@ -20,6 +20,9 @@ class Backend:
         """(in_features, out_features)."""
         return module.in_features, module.out_features
 
+    def prepare(self, module: torch.nn.Module) -> None:
+        """Called once for every layer of this family in a model being adapted (trained through)."""
+
     def weight_device(self, module: torch.nn.Module) -> torch.device:
         return module.weight.device
 
