@@ -32,11 +32,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import peft_format
+from .backends import find_backend
+from .backends.bnb import LINEAR_4BIT
+from .backends.torch_linear import LINEAR
 from .config import LoraFAConfig
 from .deepspeed_config import DeepSpeedConfigError, read_ds_config, resolve_ds_config, zero_stage
 from .layer import ADAPTER_CREATION_CONTEXT
@@ -83,39 +85,46 @@ def _gathered(params, modifier_rank=None):
 
 
 # -- the layers under ZeRO-3 -----------------------------------------------------------------------------
-class FrozenLinearFunction(torch.autograd.Function):
-    """F.linear with a frozen weight, keeping only the weight Parameter itself for backward.
+class FrozenLayerFunction(torch.autograd.Function):
+    """A frozen linear layer (plain or 4-bit) that keeps nothing for backward but a reference to the layer.
 
-    Autograd's own linear keeps a transposed view of the weight. ZeRO-3 frees a gathered weight by pointing
-    param.data at an empty tensor, so that view would keep the whole gathered weight alive from forward to
-    backward. Keeping the Parameter lets it be freed and re-gathered for backward. The input is not kept:
-    with the weight frozen, backward needs only the weight (DeepSpeed's memory_efficient_linear keeps it).
+    Autograd's linear keeps a transposed view of the weight, and bitsandbytes' 4-bit matmul keeps a view of
+    the packed weight. ZeRO-3 frees a gathered weight by pointing param.data at an empty tensor, so such a
+    view would keep the whole gathered weight alive from forward to backward. Here the layer's own forward
+    runs without autograd, and backward computes x's gradient from the weight ZeRO-3 has gathered again by
+    then. The input is never kept (DeepSpeed's memory_efficient_linear keeps it).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)
-        ctx.x_dtype = x.dtype
-        return F.linear(x, weight, bias)
+    def forward(ctx, x, layer, layer_forward):
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return layer_forward(x)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (weight,) = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, grad_bias
+        backend = find_backend(ctx.layer)
+        dense = backend.dequantized_weight(ctx.layer) if backend is not LINEAR else ctx.layer.weight  # out x in
+        return (grad_out.to(dense.dtype) @ dense).to(ctx.x_dtype), None, None
 
 
-class ZeRO3FrozenLinear(nn.Linear):
-    """nn.Linear whose forward uses FrozenLinearFunction while its weight is frozen (set by `wrap`)."""
+def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return FrozenLayerFunction.apply(x, self, super(type(self), self).forward)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.requires_grad:
-            return super().forward(x)
-        return FrozenLinearFunction.apply(x, self.weight, self.bias)
+
+_FROZEN_CLASSES: dict[type, type] = {}
+
+
+def freeze_for_zero3(model: nn.Module) -> None:
+    """Give every frozen nn.Linear / bitsandbytes Linear4bit FrozenLayerFunction's forward, through a subclass
+    made once per class (as FSDP2's fully_shard does); layers with a trained weight or bias are left alone."""
+    for module in model.modules():
+        cls = type(module)
+        trained = any(p.requires_grad for p in module.parameters())
+        if trained or find_backend(module) not in (LINEAR, LINEAR_4BIT) or cls in _FROZEN_CLASSES.values():
+            continue
+        if cls not in _FROZEN_CLASSES:
+            _FROZEN_CLASSES[cls] = type(f"ZeRO3Frozen{cls.__name__}", (cls,), {"forward": _frozen_forward})
+        module.__class__ = _FROZEN_CLASSES[cls]
 
 
 # -- building --------------------------------------------------------------------------------------------
@@ -253,9 +262,7 @@ def wrap(
         for layer in model.lora_layers():  # used in LoraFALinear.forward, not in their own modules' forward
             register_external_parameter(layer, layer.lora_A.weight)
             register_external_parameter(layer, layer.lora_B.weight)
-        for module in model.modules():
-            if type(module) is nn.Linear and not module.weight.requires_grad:
-                module.__class__ = ZeRO3FrozenLinear
+        freeze_for_zero3(model)
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=trainable, lr_scheduler=lr_scheduler, config=config,
     )

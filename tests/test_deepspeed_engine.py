@@ -160,12 +160,12 @@ def test_exported_adapter_loads_in_peft(zero3):
     assert (got - base).abs().max() > 1e-4  # the adapter changes the output
 
 
-def test_no_gathered_weight_alive_between_forward_and_backward(zero3):
+@pytest.mark.parametrize("base", ["", "nf4_"])
+def test_no_gathered_weight_alive_between_forward_and_backward(base, zero3):
     _, result, _ = zero3
-    hidden, ffn = tiny_llama_config().hidden_size, tiny_llama_config().intermediate_size
-    assert result["alive_after_forward"] == 0
-    # Control: a base layer whose forward keeps a view of its weight is seen (down_proj: ffn -> hidden).
-    assert result["alive_after_forward_leaky_control"] == hidden * ffn
+    assert result[f"{base}alive_after_forward"] == 0
+    # Control: the same layer with torch's / bitsandbytes' own forward keeps its whole gathered weight alive.
+    assert result[f"{base}alive_after_forward_control"] == result[f"{base}control_weight_numel"] > 0
 
 
 def test_activation_checkpointing_under_zero3(zero3):

@@ -12,13 +12,14 @@ Results go to <out>/result.json (rank 0) and adapter directories under <out>.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_grad
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from lorafa_scale import LoraFAConfig
 from lorafa_scale.deepspeed_engine import DeepSpeedStrategy, adapter_state_dict, load_model, save_adapter
@@ -84,23 +85,30 @@ def train(strategy, engine, batches, steps):
     return losses, norms
 
 
-def gathered_alive_after_forward(engine, ids, leak_into=None) -> int:
-    """Elements of gathered weights still held after forward: parameter data plus weight-shaped saved tensors."""
-    params = list(engine.module.parameters())
-    shapes = {tuple(p.ds_shape) for p in params} | {tuple(reversed(p.ds_shape)) for p in params}
-    saved = []
-    if leak_into is not None:  # control: a base layer whose forward saves a view of its gathered weight
-        leak_into.forward = lambda x: F.linear(x, leak_into.weight.view_as(leak_into.weight))
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = engine(input_ids=ids, labels=ids).loss
-    alive = sum(p.data.numel() for p in params)
-    storages = {t.untyped_storage().data_ptr(): t for t in saved
-                if not isinstance(t, torch.nn.Parameter) and tuple(t.shape) in shapes}
-    alive += sum(t.untyped_storage().nbytes() // t.element_size() for t in storages.values())
+def gathered_alive_after_forward(engine, ids, library_forward_on=None) -> int:
+    """Elements of gathered base weights whose storage is still alive after forward, by any reference.
+
+    A forward pre-hook on each base layer (run after ZeRO-3's own, which gathers) takes a weak reference to
+    the gathered weight's storage; after the forward, the storages not yet freed are counted. gc runs first:
+    DeepSpeed's flat all-gather buffer of the last layer sometimes ends in a reference cycle, garbage that
+    nothing can reach (backward included) and that the next collection frees.
+    """
+    layers = [m for m in engine.module.modules() if hasattr(m, "weight") and hasattr(m.weight, "ds_id")
+              and not m.weight.requires_grad]
+    gathered = []
+    hooks = [m.register_forward_pre_hook(lambda m, _: gathered.append(
+        (StorageWeakRef(m.weight.data.untyped_storage()), m.weight.data.numel()))) for m in layers]
+    if library_forward_on is not None:  # control: torch's / bitsandbytes' own forward keeps a view of the weight
+        library_forward_on.forward = super(type(library_forward_on), library_forward_on).forward
+    loss = engine(input_ids=ids, labels=ids).loss
+    gc.collect()
+    alive = sum(numel for ref, numel in gathered if not ref.expired())
     engine.backward(loss)
     engine.optimizer.zero_grad(set_to_none=True)
-    if leak_into is not None:
-        del leak_into.forward
+    for hook in hooks:
+        hook.remove()
+    if library_forward_on is not None:
+        del library_forward_on.forward
     return alive
 
 
@@ -172,9 +180,10 @@ def main():
 
     if args.stage == 3:
         ids = batches[0][0][rank * MICRO:(rank + 1) * MICRO]
-        leaky = model.lora_layers()[-1].base_layer  # its input needs a gradient, so F.linear keeps the weight
+        control = model.lora_layers()[-1].base_layer  # its input needs a gradient, so a view would be kept
         result["alive_after_forward"] = gathered_alive_after_forward(engine, ids)
-        result["alive_after_forward_leaky_control"] = gathered_alive_after_forward(engine, ids, leak_into=leaky)
+        result["alive_after_forward_control"] = gathered_alive_after_forward(engine, ids, control)
+        result["control_weight_numel"] = control.weight.ds_numel
         plain, result["saved_tensors_without_checkpointing"] = b_grads(engine, model, ids, None)
         for name, kwargs in (("reentrant", {"use_reentrant": True}), ("non_reentrant", {"use_reentrant": False})):
             grads, result[f"saved_tensors_with_{name}_checkpointing"] = b_grads(engine, model, ids, kwargs)
@@ -188,7 +197,10 @@ def main():
                                        / sum(p.ds_numel for p in model.parameters()))
         result["nf4_losses"], result["nf4_grad_norms"] = train(strategy, engine, batches, range(steps))
         strategy.save_adapter(out / "nf4_final_adapter")
+        control = model.lora_layers()[-1].base_layer
         result["nf4_alive_after_forward"] = gathered_alive_after_forward(engine, ids)
+        result["nf4_alive_after_forward_control"] = gathered_alive_after_forward(engine, ids, control)
+        result["nf4_control_weight_numel"] = control.weight.ds_numel
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result, indent=2))
 
