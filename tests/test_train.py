@@ -40,6 +40,14 @@ def run_train(*options, timeout=300, env=ONE_THREAD) -> subprocess.CompletedProc
                           timeout=timeout, env=env)
 
 
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """In-process runs of the built-in job set one thread; later tests get their thread count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def adapter(directory) -> dict[str, torch.Tensor]:
     return load_file(str(Path(directory) / "adapter" / "adapter_model.safetensors"))
 
