@@ -77,12 +77,12 @@ def test_node_sh_deepspeed_hostfile_and_command(stubs):
 
 def test_node_sh_torchrun_command():
     env = {**NODE_ENV, "SLURM_JOB_NODELIST": "a100-[1-2],h100-07", "SLURM_NODEID": 1, "MASTER_PORT": 31000}
-    result = run(SLURM / "node.sh", ["--fsdp"], LORAFA_LAUNCHER="torchrun", **env)
+    result = run(SLURM / "node.sh", ["--fsdp", "--r", "16"], LORAFA_LAUNCHER="torchrun", **env)
     assert result.returncode == 0, result.stderr
     assert shlex.split(result.stdout) == [
         "torchrun", "--nnodes", "3", "--nproc-per-node", "4", "--node-rank", "1", "--master-addr", "a100-1",
         "--master-port", "31000", "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        "--shutdown-timeout", "600", TRAIN, "--fsdp"]
+        "--shutdown-timeout", "600", "--", TRAIN, "--fsdp", "--r", "16"]
     with_head = run(SLURM / "node.sh", [], LORAFA_LAUNCHER="torchrun", MASTER_ADDR="10.0.0.5", **env)
     assert "--master-addr 10.0.0.5" in with_head.stdout
 

@@ -22,8 +22,9 @@ from lorafa_scale.trainer import EXIT_PREEMPTED
 from tests.test_slurm import ROOT, SLURM, TRAIN, slurm_env
 
 # lora_dropout 0: dropout masks are drawn per rank, so they differ between 1 and 2 processes.
+# --r: torchrun must not take it for an abbreviation of its own options.
 TRAIN_ARGS = ["--max-steps", "12", "--seq-len", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-              "--lora-dropout", "0"]
+              "--lora-dropout", "0", "--r", "8"]
 
 
 def free_port() -> int:
@@ -40,7 +41,7 @@ def steps_logged(output: Path) -> list[dict]:
 def test_two_nodes_checkpoint_on_time_limit_requeue_and_match_one_process(tmp_path):
     reference = tmp_path / "one-process"
     one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
-                          str(free_port()), TRAIN, "--fsdp", *TRAIN_ARGS, "--output-dir", str(reference)],
+                          str(free_port()), "--", TRAIN, "--fsdp", *TRAIN_ARGS, "--output-dir", str(reference)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
 

@@ -38,12 +38,13 @@ master_port=${MASTER_PORT:-29500}
 case $launcher in
   torchrun)
     # torchrun forwards SIGUSR1 (the time-limit warning) to the workers, which checkpoint and exit;
-    # it waits SHUTDOWN_TIMEOUT seconds for them before SIGKILL.
+    # it waits SHUTDOWN_TIMEOUT seconds for them before SIGKILL. The `--` keeps torchrun from reading the
+    # trainer's options as abbreviations of its own (it rejects `--r 16` as an ambiguous `--rdzv-...`).
     cmd=(torchrun --nnodes "$nnodes" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$node_rank"
          --master-addr "$master_addr" --master-port "$master_port"
          --signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
          --shutdown-timeout "${SHUTDOWN_TIMEOUT:-600}"
-         "$root/launch/train.py" "$@")
+         -- "$root/launch/train.py" "$@")
     ;;
   deepspeed)
     hostfile=${LORAFA_HOSTFILE:-${TMPDIR:-/tmp}/lorafa-hostfile-${SLURM_JOB_ID:-0}-$node_rank}
