@@ -314,7 +314,13 @@ def save_adapter(engine_or_model, directory) -> None:
 # -- checkpoints -----------------------------------------------------------------------------------------
 def save_checkpoint(engine, directory, tag: str = ENGINE_TAG, client_state: dict | None = None) -> None:
     """Collective: DeepSpeed checkpoint of the trained parameters, optimizer and scheduler (never the frozen
-    base), plus the frozen A, which DeepSpeed does not restore, in <directory>/<tag>/frozen_adapter.safetensors."""
+    base), plus the frozen A, which DeepSpeed does not restore, in <directory>/<tag>/frozen_adapter.safetensors.
+    An existing <directory>/<tag> is never overwritten: every rank refuses before any rank writes."""
+    target = Path(directory) / tag
+    taken = torch.tensor([float(target.exists())], device=engine.device)
+    torch.distributed.all_reduce(taken)  # every rank has looked before any rank writes
+    if taken.item():
+        raise FileExistsError(f"{target}: a checkpoint is already there; pick another tag or remove it")
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state or {}, save_latest=False,
                            exclude_frozen_parameters=True)
     frozen = adapter_state_dict(engine, frozen_only=True, rank0_only=True)

@@ -136,6 +136,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(stage, request):
     assert all(not torch.equal(fresh[k], final[k]) for k in final if ".lora_A." in k)
     checkpoint_files = [p.name for p in (out / "checkpoint").rglob("*") if p.is_file()]
     assert "frozen_adapter.safetensors" in checkpoint_files
+    assert result["second_save"] == "refused"  # and the resume above read the first one
 
 
 @pytest.mark.parametrize("stage", [3, 2])

@@ -149,10 +149,15 @@ def main():
     checkpoint = out / "checkpoint"
     checkpoint.mkdir(exist_ok=True)
     strategy.save_checkpoint(checkpoint, {"step": RESUME_AT})
+    try:  # a second save over it must be refused on every rank (no hang), leaving the first intact for resume
+        strategy.save_checkpoint(checkpoint, {"step": -1})
+        second_save = "written"
+    except FileExistsError:
+        second_save = "refused"
     more_losses, more_norms = train(strategy, engine, batches, range(RESUME_AT, steps))
     strategy.save_adapter(out / "final_adapter")
     managed = getattr(engine.optimizer, "fp16_groups", None) or engine.optimizer.bit16_groups  # ZeRO-3 / ZeRO-2
-    result = {"losses": losses + more_losses, "grad_norms": norms + more_norms,
+    result = {"losses": losses + more_losses, "grad_norms": norms + more_norms, "second_save": second_save,
               "optimizer_params": sum(getattr(p, "ds_numel", p.numel()) for group in managed for p in group),
               "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)}
 
