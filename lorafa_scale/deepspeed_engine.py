@@ -11,7 +11,9 @@ them after its forward. LoraFALinear hands lora_A.weight and lora_B.weight to it
 calling the lora_A / lora_B modules, so their hooks never fire; `wrap` registers both as external parameters
 of the LoraFALinear (deepspeed.zero.register_external_parameter), so ZeRO-3 gathers them when the layer runs,
 frees them after its forward, and re-gathers them when the gradient reaches its output. The Function saves
-the Parameters themselves, never copies, so nothing gathered stays alive in between. (Marking LoraFALinear a
+the Parameters themselves, never copies, so nothing gathered stays alive in between; the frozen base layers
+get the same property from FrozenLayerFunction (torch's and bitsandbytes' own linears keep a view of the
+gathered weight, which would keep it alive until backward). (Marking LoraFALinear a
 ZeRO-3 "leaf" module instead breaks B's gradient: DeepSpeed reduces a leaf's gradients in a full backward
 hook, which fires before B's gradient exists when the layer input needs no gradient, as in the first layer.)
 
@@ -59,14 +61,11 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if torch.distributed.is_initialized():
-        deepspeed.init_distributed()  # adopts the existing process group
-        return
     if get_accelerator().device_name() == "cpu" and os.environ.get("LORAFA_DS_SHM_COMM") != "1":
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
-        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-    deepspeed.init_distributed()
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False  # read when DeepSpeed builds ops
+    deepspeed.init_distributed()  # does nothing the second time; adopts a process group started elsewhere
 
 
 def world_size() -> int:
@@ -376,7 +375,8 @@ class DeepSpeedStrategy(Strategy):
         if model_path and zero_stage(read_ds_config(args.config)[0]) == 3:
             from transformers import AutoConfig
 
-            hidden_size = getattr(AutoConfig.from_pretrained(model_path), "hidden_size", None)
+            hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=getattr(args, "trust_remote_code", False))
+            hidden_size = getattr(hf_config, "hidden_size", None)
         self.ds_config = resolve_ds_config(
             args.config, world_size=world_size(), micro_batch_size=getattr(args, "micro_batch_size", None),
             grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, hidden_size=hidden_size,
