@@ -1,8 +1,9 @@
 """Benchmark 4 (inference): latency of the bare base, our unmerged adapter, our merged model, PEFT unmerged.
 
-Bench geometry, eval mode, no gradients, float32 on CPU. Two timings, alternating between the four models
-in rotating order each round: prefill (one forward over 1024 tokens) and decode (32 new tokens after a
-128-token prompt with the KV cache, per new token). The seed card promises < 3% overhead unmerged;
+Bench geometry, eval mode, no gradients, float32 on CPU, one torch thread, process CPU time (other jobs
+sharing the cores disturb wall time far more). Two timings, alternating between the four models in rotating
+order each round: prefill (one forward over 1024 tokens) and decode (32 new tokens after a 128-token prompt
+with the KV cache, per new token). The seed card promises < 3% overhead unmerged;
 a merged model is the plain base model again and should cost nothing.
 
     python bench/bench_inference.py --rounds 5
@@ -38,22 +39,23 @@ def build() -> dict[str, torch.nn.Module]:
 
 
 def prefill_seconds(model, ids) -> float:
-    start = time.perf_counter()
+    start = time.process_time()
     model(input_ids=ids)
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def decode_seconds_per_token(model, prompt) -> float:
-    start = time.perf_counter()
+    start = time.process_time()
     model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
                    min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return (time.perf_counter() - start) / NEW_TOKENS
+    return (time.process_time() - start) / NEW_TOKENS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     ids = batch()
     prompt = ids[:, :PROMPT]
     models = build()
