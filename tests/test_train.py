@@ -3,6 +3,7 @@ accumulation equivalence, non-finite losses, and the bad-input errors of the com
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -231,6 +232,15 @@ def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, model_dir, caps
     errors = [line for line in err.splitlines() if line.startswith("lorafa-scale train: error: ")]
     assert len(errors) == 1 and message.format(d=tmp_path) in errors[0], err
     assert not (out / "run_config.json").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_missing_tracker_package_is_named_before_any_work(tmp_path, capsys, tracker):
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed")
+    assert _in_process(tmp_path / "out", "--report-to", tracker) == 2
+    assert f"--report-to {tracker} needs the '{tracker}' package" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_run_is_not_resumed_with_options_that_change_its_data(tmp_path, model_dir, capsys):
