@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from lorafa_scale import trainer
+from lorafa_scale import PeftModel, trainer
 from lorafa_scale.checkpoint import complete_checkpoints
+from lorafa_scale.data import IGNORE_INDEX, load_dataset
 from lorafa_scale.embedded import build_tokenizer
 from lorafa_scale.metrics import read_metrics
 from lorafa_scale.strategy import Strategy
@@ -72,9 +74,6 @@ def test_embedded_default_end_to_end_and_refuses_to_overwrite(tmp_path):
 
     # The adapter is PEFT's format: PEFT loads it on the saved base model and gives our model's logits.
     from peft import PeftModel as PeftPeftModel
-    from transformers import AutoModelForCausalLM
-
-    from lorafa_scale import PeftModel
 
     ids = torch.randint(0, 262, (2, 20), generator=torch.Generator().manual_seed(0))
     theirs = PeftPeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base_model"), out / "adapter")
@@ -171,8 +170,6 @@ def poisoned_model(tmp_path):
     """A tiny Llama whose embedding of '!' is NaN: any example containing '!' has a non-finite loss."""
     tokenizer = build_tokenizer()
     path = save_tiny_llama(tmp_path / "model", vocab_size=len(tokenizer))
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("!")] = float("nan")
@@ -232,6 +229,30 @@ def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, model_dir, caps
     errors = [line for line in err.splitlines() if line.startswith("lorafa-scale train: error: ")]
     assert len(errors) == 1 and message.format(d=tmp_path) in errors[0], err
     assert not (out / "run_config.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_validation_loss_is_the_mean_token_loss_of_the_held_out_examples(tmp_path, model_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))})
+                            + "\n" for i in range(1, 13)))
+    out = tmp_path / "out"
+    assert _in_process(out, "--model", model_dir, "--dataset", data, "--eval-every", "2", "--val-fraction", "0.25",
+                       "--max-steps", "4", "--micro-batch-size", "2", "--save-every", "0", "--lr", "1e-2") == 0
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r}
+    assert sorted(evals) == [2, 4] and evals[4] < evals[2]
+
+    tokenizer = build_tokenizer()
+    held_out = load_dataset(data, tokenizer, 256, val_fraction=0.25, seed=0).validation
+    assert len(held_out) == 3
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter")
+    total = count = 0.0
+    with torch.no_grad():
+        for example in held_out:  # one at a time, no padding: an independent reference
+            logits = model(torch.tensor([example.input_ids])).logits[0, :-1].double()
+            labels = torch.tensor(example.labels[1:])
+            total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            count += int((labels != IGNORE_INDEX).sum())
+    assert evals[4] == pytest.approx(float(total / count), rel=1e-5)
 
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
