@@ -3,7 +3,7 @@
 The bench model is saved to a temporary folder (float32 safetensors) and loaded twice with the same
 BitsAndBytesConfig (nf4, double quantization, float32 compute on CPU): once by lorafa_scale.quantization.
 load_model (ours), once by transformers + peft.get_peft_model (PEFT LoRA, what QLoRA users run). Step times
-alternate between the two, wall and process CPU time.
+alternate between the two on one torch thread, wall and process CPU time.
 
     python bench/bench_nf4.py --rounds 3
 """
@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     ids = batch()
     with tempfile.TemporaryDirectory() as directory:
         base_model().save_pretrained(directory)
