@@ -159,6 +159,20 @@ class Strategy:
         return json.loads((directory / CLIENT_STATE_NAME).read_text())
 
 
+class SingleProcessStrategy(Strategy):
+    """One process on one device: the GPU when there is one (the model is moved there), else the CPU."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> torch.nn.Module:
+        # A bitsandbytes model was loaded onto its device (device_map) and cannot be moved with .to().
+        if self.device.type != "cpu" and getattr(model, "hf_quantizer", None) is None:
+            model.to(self.device)
+        return super().setup(model, optimizer, scheduler)
+
+
 # --strategy value -> (module, class); engines are imported only when chosen.
 ENGINES = {
     "deepspeed": ("lorafa_scale.deepspeed_engine", "DeepSpeedStrategy"),
@@ -185,6 +199,6 @@ def make_strategy(args) -> Strategy:
                 f"WORLD_SIZE={world}: several processes need an engine; pass --config ds_configs/zero3.json "
                 "(DeepSpeed) or --fsdp"
             )
-        return Strategy(args.grad_accum, args.max_grad_norm)
+        return SingleProcessStrategy(args.grad_accum, args.max_grad_norm)
     module, cls = ENGINES[name]
     return getattr(importlib.import_module(module), cls)(args)
