@@ -130,6 +130,7 @@ def test_job_sh_needs_gpus_per_node():
 @pytest.mark.parametrize("srun_exit, restarts, requeued, job_exit", [
     (EXIT_PREEMPTED, 0, True, 0),  # the trainer checkpointed on a signal: requeue, and this attempt ends well
     (1, 0, False, 1),  # a failure is not requeued
+    (0, 1, False, 0),  # a finished job is not requeued
     (EXIT_PREEMPTED, 3, False, EXIT_PREEMPTED),  # LORAFA_MAX_REQUEUES=3 reached
 ])
 def test_job_sh_requeue_decision(tmp_path, srun_exit, restarts, requeued, job_exit):

@@ -51,8 +51,6 @@ if [[ ${LORAFA_DRY_RUN:-0} == 1 ]]; then
   exit 0
 fi
 
-# The trainer's exit code after a checkpoint on SIGUSR1/SIGTERM (also checks Python finds the package).
-exit_preempted=$(python -c 'from lorafa_scale.trainer import EXIT_PREEMPTED; print(EXIT_PREEMPTED)')
 warned=0
 # shellcheck disable=SC2317  # reached through the trap, which shellcheck does not follow
 on_time_limit_warning() {
@@ -73,7 +71,12 @@ while true; do
   kill -0 "$srun_pid" 2>/dev/null || break
 done
 
-if ((rc == exit_preempted || (warned && rc != 0))); then
+# The trainer checkpointed and stopped: after the warning (torchrun then exits 1), or by its own exit code
+# for a checkpoint on SIGUSR1/SIGTERM (the deepspeed launchers pass it on).
+preempted() {
+  (($1 == $(python -c 'from lorafa_scale.trainer import EXIT_PREEMPTED; print(EXIT_PREEMPTED)')))
+}
+if ((rc != 0)) && { ((warned)) || preempted "$rc"; }; then
   if ((restarts < ${LORAFA_MAX_REQUEUES:-20})); then
     echo "job.sh: the trainer checkpointed and stopped (exit $rc): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
