@@ -21,7 +21,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from lorafa_scale import LoraFAConfig
+from lorafa_scale import LoraFAConfig, LoraFALinear
 from lorafa_scale.deepspeed_engine import DeepSpeedStrategy, adapter_state_dict, load_model, save_adapter
 
 MICRO, ACCUM, WORLD = 2, 2, 2  # per-rank micro-batch, accumulation, ranks
@@ -85,31 +85,37 @@ def train(strategy, engine, batches, steps):
     return losses, norms
 
 
-def gathered_alive_after_forward(engine, ids, library_forward_on=None) -> int:
-    """Elements of gathered base weights whose storage is still alive after forward, by any reference.
+def gathered_alive_after_forward(engine, ids, library_forward_on=None) -> tuple[int, int]:
+    """(elements of gathered weights - base W, A, B - still alive after forward by any reference, all seen).
 
-    A forward pre-hook on each base layer (run after ZeRO-3's own, which gathers) takes a weak reference to
-    the gathered weight's storage; after the forward, the storages not yet freed are counted. gc runs first:
-    DeepSpeed's flat all-gather buffer of the last layer sometimes ends in a reference cycle, garbage that
-    nothing can reach (backward included) and that the next collection frees.
+    A forward pre-hook on each layer (run after ZeRO-3's own, which gathers) takes a weak reference to the
+    storage of each weight it uses: a base layer's weight, a LoraFALinear's A and B. After the forward, the
+    storages not yet freed are counted. gc runs first: DeepSpeed's flat all-gather buffer of the last layer
+    sometimes ends in a reference cycle, garbage that nothing can reach (backward included) and that the
+    next collection frees.
     """
-    layers = [m for m in engine.module.modules() if hasattr(m, "weight") and hasattr(m.weight, "ds_id")
-              and not m.weight.requires_grad]
+    uses = {m: [m.weight] for m in engine.module.modules()
+            if isinstance(getattr(m, "weight", None), torch.nn.Parameter) and not m.weight.requires_grad}
+    uses.update({m: [m.lora_A.weight, m.lora_B.weight] for m in engine.module.modules() if isinstance(m, LoraFALinear)})
     gathered = []
-    hooks = [m.register_forward_pre_hook(lambda m, _: gathered.append(
-        (StorageWeakRef(m.weight.data.untyped_storage()), m.weight.data.numel()))) for m in layers]
+
+    def record(module, _):
+        gathered.extend((StorageWeakRef(p.data.untyped_storage()), p.data.numel()) for p in uses[module])
+
+    hooks = [m.register_forward_pre_hook(record) for m in uses]
     if library_forward_on is not None:  # control: torch's / bitsandbytes' own forward keeps a view of the weight
         library_forward_on.forward = super(type(library_forward_on), library_forward_on).forward
     loss = engine(input_ids=ids, labels=ids).loss
     gc.collect()
     alive = sum(numel for ref, numel in gathered if not ref.expired())
+    seen = sum(numel for _, numel in gathered)
     engine.backward(loss)
     engine.optimizer.zero_grad(set_to_none=True)
     for hook in hooks:
         hook.remove()
     if library_forward_on is not None:
         del library_forward_on.forward
-    return alive
+    return alive, seen
 
 
 def b_grads(engine, model, ids, checkpointing: dict | None) -> tuple[torch.Tensor, int]:
@@ -186,8 +192,8 @@ def main():
     if args.stage == 3:
         ids = batches[0][0][rank * MICRO:(rank + 1) * MICRO]
         control = model.lora_layers()[-1].base_layer  # its input needs a gradient, so a view would be kept
-        result["alive_after_forward"] = gathered_alive_after_forward(engine, ids)
-        result["alive_after_forward_control"] = gathered_alive_after_forward(engine, ids, control)
+        result["alive_after_forward"], result["gathered_in_forward"] = gathered_alive_after_forward(engine, ids)
+        result["alive_after_forward_control"], _ = gathered_alive_after_forward(engine, ids, control)
         result["control_weight_numel"] = control.weight.ds_numel
         plain, result["saved_tensors_without_checkpointing"] = b_grads(engine, model, ids, None)
         for name, kwargs in (("reentrant", {"use_reentrant": True}), ("non_reentrant", {"use_reentrant": False})):
@@ -203,8 +209,8 @@ def main():
         result["nf4_losses"], result["nf4_grad_norms"] = train(strategy, engine, batches, range(steps))
         strategy.save_adapter(out / "nf4_final_adapter")
         control = model.lora_layers()[-1].base_layer
-        result["nf4_alive_after_forward"] = gathered_alive_after_forward(engine, ids)
-        result["nf4_alive_after_forward_control"] = gathered_alive_after_forward(engine, ids, control)
+        result["nf4_alive_after_forward"], result["nf4_gathered_in_forward"] = gathered_alive_after_forward(engine, ids)
+        result["nf4_alive_after_forward_control"], _ = gathered_alive_after_forward(engine, ids, control)
         result["nf4_control_weight_numel"] = control.weight.ds_numel
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result, indent=2))
