@@ -3,7 +3,8 @@
 The model-level step (bench_step_time.py) is dominated by the frozen base's matmuls, so the adapters'
 own cost drowns in noise on a shared machine. Here one 1024 -> 2816 linear (the bench geometry's gate_proj)
 with r 16, dropout 0.05, 1024 tokens, float32, runs many times in alternation; process CPU time on one
-thread, the median of --repeats blocks of --inner calls each, is reported per variant.
+thread, the median of --repeats blocks of --inner calls each, is reported per variant. It also times the two ways of
+drawing a dropout mask for this layer's input: bernoulli_(1 - p) and uniform >= p (what layer.py uses).
 
     python bench/bench_layer_time.py
 """
@@ -66,6 +67,15 @@ def main() -> None:
     for _ in range(args.inner):
         base(x).backward(grad)
     base_ms = 1000 * (time.process_time() - start) / args.inner
+    generator = torch.Generator().manual_seed(0)
+    mask_ms = {}
+    for name, draw in (("bernoulli_", lambda: torch.empty(x.shape).bernoulli_(1 - DROPOUT, generator=generator)),
+                       ("uniform >= p", lambda: torch.rand(x.shape, generator=generator).ge_(DROPOUT))):
+        start = time.process_time()
+        for _ in range(args.inner):
+            draw()
+        mask_ms[name] = 1000 * (time.process_time() - start) / args.inner
+        print(f"dropout mask, {x.numel() / 1e6:.2f}M values, {name:<13} {mask_ms[name]:6.2f} ms")
     summary = {v: {"median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t), "max_ms": 1000 * max(t)}
                for v, t in times.items()}
     print(f"frozen base linear alone: {base_ms:.1f} ms")
@@ -74,7 +84,7 @@ def main() -> None:
               f"  adapter cost {row['median_ms'] - base_ms:6.1f} ms")
     ratio = summary["ours"]["median_ms"] / summary["peft_lora"]["median_ms"]
     print(f"ours / PEFT LoRA: {ratio:.3f}")
-    print(f"wrote {save_result('layer_time', {'base_ms': base_ms, 'variants': summary, 'ratio': ratio})}")
+    print(f"wrote {save_result('layer_time', {'base_ms': base_ms, 'mask_ms': mask_ms, 'variants': summary, 'ratio': ratio})}")
 
 
 if __name__ == "__main__":
