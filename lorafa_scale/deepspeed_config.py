@@ -67,6 +67,10 @@ def _fill(section: dict, key: str, value, where: str) -> None:
 
 
 def _resolve_batch(config: dict, name: str, world_size: int) -> None:
+    for key in BATCH_FIELDS:
+        value = config.get(key, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise DeepSpeedConfigError(f"{name}: {key} must be a whole number or \"auto\", got {value!r}")
     micro, accum, total = (config.get(k, "auto") for k in BATCH_FIELDS[1:] + BATCH_FIELDS[:1])
     if accum == "auto":
         accum = 1 if total == "auto" or micro == "auto" else total // (micro * world_size)

@@ -204,6 +204,7 @@ def test_shipped_zero3_config_resolves():
     ({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2},
      "train_batch_size=10 must equal"),
     ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu=3 disagrees"),
+    ({"train_batch_size": "8"}, "train_batch_size must be a whole number"),
     ({"zero_optimization": {"stage": 3, "memory_efficient_linear": True}}, "memory_efficient_linear=true"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, "optimizer.params.lr is 'auto'"),
 ])
