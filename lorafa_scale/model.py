@@ -177,6 +177,8 @@ class LoraFAModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "base_model":  # not built yet (an attribute looked up during __init__)
+                raise
             return getattr(self.base_model.model, name)
 
     @property
