@@ -214,7 +214,8 @@ def adapter_bytes_per_token(job: Job, target: str, input_needs_grad: bool, atten
     if target == "o_proj":
         owns_input = not attention_kept
     elif target in SHARED_INPUT:
-        owns_input = target == next(t for t in ALL_TARGETS if t in job.targets and SHARED_INPUT.get(t) == SHARED_INPUT[target])
+        sharers = [t for t in ALL_TARGETS if t in job.targets and SHARED_INPUT.get(t) == SHARED_INPUT[target]]
+        owns_input = target == sharers[0]
     else:
         owns_input = True
     return (4 * in_features if owns_input else 0) + 4 * r
