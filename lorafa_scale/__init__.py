@@ -7,6 +7,7 @@ from .config import ConfigError, LoraConfig, LoraFAConfig
 from .layer import LoraFAFunction, LoraFALinear
 from .model import LoraFAModel, PeftModel, get_lorafa_model, get_peft_model
 from .peft_format import AdapterFormatError
+from .sharding import load_sharded_model, save_sharded_adapter, wrap_sharded_model
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,7 @@ __all__ = [
     "PeftModel",
     "get_lorafa_model",
     "get_peft_model",
+    "load_sharded_model",
+    "save_sharded_adapter",
+    "wrap_sharded_model",
 ]

@@ -1,11 +1,14 @@
 """2-rank DeepSpeed worker for tests/test_deepspeed_engine.py (run by torchrun, DS_ACCELERATOR=cpu).
 
 One run checks several things to pay DeepSpeed's start-up once:
-1. load_model under zero.Init (ZeRO-3) and export the initial adapter (for the single-process reference);
+1. load_sharded_model(engine="zero3") under zero.Init (ZeRO-3) and export the initial adapter (for the
+   single-process reference);
 2. train `steps` optimizer steps through DeepSpeedStrategy, checkpointing after `resume_at`, and export;
 3. build a fresh engine (a different A), resume from the checkpoint and finish; export again;
 4. (ZeRO-3) count gathered weight elements alive between forward and backward, with a leaking control;
-5. (ZeRO-3) B's gradient with reentrant and non-reentrant activation checkpointing vs none.
+5. (ZeRO-3) B's gradient with reentrant and non-reentrant activation checkpointing vs none;
+6. (ZeRO-3) a 4-bit base trained as a user's own loop does: wrap_sharded_model, engine.backward/engine.step.
+Loading and adapter export go through lorafa_scale.sharding (the one entry point for both engines).
 Results go to <out>/result.json (rank 0) and adapter directories under <out>.
 """
 
@@ -18,11 +21,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from lorafa_scale import LoraFAConfig, LoraFALinear
-from lorafa_scale.deepspeed_engine import DeepSpeedStrategy, adapter_state_dict, load_model, save_adapter
+from lorafa_scale import (
+    LoraFAConfig,
+    LoraFALinear,
+    load_sharded_model,
+    save_sharded_adapter,
+    wrap_sharded_model,
+)
+from lorafa_scale.deepspeed_engine import DeepSpeedStrategy, adapter_state_dict
+from lorafa_scale.sharding import DS_CONFIG_ATTR
 
 MICRO, ACCUM, WORLD = 2, 2, 2  # per-rank micro-batch, accumulation, ranks
 RESUME_AT, LR, WEIGHT_DECAY, CLIP = 2, 1e-2, 0.01, 0.5
@@ -60,11 +71,11 @@ def ds_config(stage: int) -> dict:
 
 def build(args, seed: int, quantization: str = "none"):
     torch.manual_seed(seed)  # rank 0's draw decides A; a different seed gives a different A
-    model, config = load_model(args.model, lora_config(), ds_config(args.stage), dtype=torch.float32,
-                               micro_batch_size=MICRO, grad_accum=ACCUM, max_grad_norm=CLIP,
-                               quantization=quantization)
-    strategy = DeepSpeedStrategy(SimpleNamespace(config=config, grad_accum=ACCUM, max_grad_norm=CLIP,
-                                                 micro_batch_size=MICRO))
+    model = load_sharded_model(args.model, lora_config(), "zero3", ds_config=ds_config(args.stage),
+                               dtype=torch.float32, quantization=quantization, micro_batch_size=MICRO,
+                               grad_accum=ACCUM, max_grad_norm=CLIP)
+    strategy = DeepSpeedStrategy(SimpleNamespace(config=getattr(model, DS_CONFIG_ATTR), grad_accum=ACCUM,
+                                                 max_grad_norm=CLIP, micro_batch_size=MICRO))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
@@ -83,6 +94,26 @@ def train(strategy, engine, batches, steps):
         norms.append(strategy.step())
         losses.append(step_loss)
     return losses, norms
+
+
+class UserLoop:
+    """The strategy calls `train` makes, done as a user's own loop does with the engine wrap_sharded_model
+    returns (README): engine.backward and engine.step after every micro-batch."""
+
+    def __init__(self, engine):
+        self.engine, self.rank = engine, dist.get_rank()
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+        self.engine.step()  # steps the optimizer on the last micro-batch of a window only
+
+    def step(self) -> float:
+        return float(self.engine.get_global_grad_norm())
+
+    def all_reduce_mean(self, tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor / dist.get_world_size()
 
 
 def gathered_alive_after_forward(engine, ids, library_forward_on=None) -> tuple[int, int]:
@@ -149,7 +180,7 @@ def main():
 
     model, strategy, optimizer, scheduler = build(args, seed=1)
     rank = strategy.rank
-    save_adapter(model, out / "initial_adapter")  # gathered before any engine exists
+    save_sharded_adapter(model, out / "initial_adapter")  # gathered before any engine exists
     engine = strategy.setup(model, optimizer, scheduler)
     losses, norms = train(strategy, engine, batches, range(RESUME_AT))
     checkpoint = out / "checkpoint"
@@ -161,7 +192,7 @@ def main():
     except FileExistsError:
         second_save = "refused"
     more_losses, more_norms = train(strategy, engine, batches, range(RESUME_AT, steps))
-    strategy.save_adapter(out / "final_adapter")
+    save_sharded_adapter(engine, out / "final_adapter")
     managed = getattr(engine.optimizer, "fp16_groups", None) or engine.optimizer.bit16_groups  # ZeRO-3 / ZeRO-2
     result = {"losses": losses + more_losses, "grad_norms": norms + more_norms, "second_save": second_save,
               "optimizer_params": sum(getattr(p, "ds_numel", p.numel()) for group in managed for p in group),
@@ -169,7 +200,7 @@ def main():
 
     uninterrupted_strategy, uninterrupted_engine = strategy, engine
     model, strategy, optimizer, scheduler = build(args, seed=2)
-    save_adapter(model, out / "fresh_adapter")  # a different A, which resuming must replace
+    save_sharded_adapter(model, out / "fresh_adapter")  # a different A, which resuming must replace
     engine = strategy.setup(model, optimizer, scheduler)
     client_state = strategy.load_checkpoint(checkpoint)
     resumed_losses, _ = train(strategy, engine, batches, range(client_state["step"], steps))
@@ -201,13 +232,13 @@ def main():
             result[f"checkpointing_{name}_rel_diff"] = float((grads - plain).norm() / plain.norm())
 
         # A 4-bit base: every rank loads it quantized (packed in fp32), and the engine partitions it.
-        model, strategy, optimizer, scheduler = build(args, seed=3, quantization="nf4")
-        save_adapter(model, out / "nf4_initial_adapter")
-        engine = strategy.setup(model, optimizer, scheduler)
+        model, _, optimizer, scheduler = build(args, seed=3, quantization="nf4")
+        save_sharded_adapter(model, out / "nf4_initial_adapter")
+        engine, _, _ = wrap_sharded_model(model, "zero3", optimizer=optimizer, lr_scheduler=scheduler)
         result["nf4_held_fraction"] = (sum(p.ds_tensor.numel() for p in model.parameters())
                                        / sum(p.ds_numel for p in model.parameters()))
-        result["nf4_losses"], result["nf4_grad_norms"] = train(strategy, engine, batches, range(steps))
-        strategy.save_adapter(out / "nf4_final_adapter")
+        result["nf4_losses"], result["nf4_grad_norms"] = train(UserLoop(engine), engine, batches, range(steps))
+        save_sharded_adapter(engine, out / "nf4_final_adapter")
         control = model.lora_layers()[-1].base_layer
         result["nf4_alive_after_forward"], result["nf4_gathered_in_forward"] = gathered_alive_after_forward(engine, ids)
         result["nf4_alive_after_forward_control"], _ = gathered_alive_after_forward(engine, ids, control)

@@ -3,7 +3,9 @@
 Loads the tiny model sharded from MODEL_DIR the way the training loop does, trains STEPS steps, exports the
 adapter, compares activation checkpointing on/off, runs one bf16 mixed-precision step with CPU offload,
 checks a 4-bit base and the error for an incomplete checkpoint. Rank 0 writes OUT/train.json. The test
-imports lora_config() and global_batches() for its single-process reference run.
+imports lora_config() and global_batches() for its single-process reference run. Besides the training-loop
+strategy, loading, wrapping and export go through lorafa_scale.sharding (engine="fsdp2"), the one entry
+point for both engines.
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from lorafa_scale import ConfigError, LoraFAConfig, get_peft_model
-from lorafa_scale.fsdp import FSDPStrategy, init_adapters, load_model
+from lorafa_scale import (
+    ConfigError,
+    LoraFAConfig,
+    get_peft_model,
+    load_sharded_model,
+    save_sharded_adapter,
+    wrap_sharded_model,
+)
+from lorafa_scale.fsdp import FSDPStrategy, init_adapters
 from lorafa_scale.quantization import load_model as load_quantized
 
 SEED, STEPS, LR = 7, 4, 1e-2
@@ -68,8 +77,8 @@ def b_grads(model_dir: str, activation_checkpointing: bool) -> tuple[dict[str, t
     """Full gradients of every B after one backward with adapter dropout on (same RNG seed each time),
     and how many times the first decoder layer ran forward (2 when its activations were recomputed)."""
     config = lora_config(dropout=0.2)
-    model = load_model(model_dir, config, dtype=torch.float32, seed=SEED, mixed_precision="fp32",
-                               activation_checkpointing=activation_checkpointing)
+    model = load_sharded_model(model_dir, config, "fsdp2", dtype=torch.float32, seed=SEED,
+                               mixed_precision="fp32", activation_checkpointing=activation_checkpointing)
     model.train()
     calls = []
     model.get_base_model().model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
@@ -81,9 +90,10 @@ def b_grads(model_dir: str, activation_checkpointing: bool) -> tuple[dict[str, t
 
 def bf16_step(model_dir: str) -> dict:
     """One step with the default policy (bf16 all-gather, fp32 reduce) on a bf16 base, with CPU offload."""
-    model = load_model(model_dir, lora_config(), dtype=torch.bfloat16, seed=SEED, cpu_offload=True)
+    model = load_sharded_model(model_dir, lora_config(), "fsdp2", dtype=torch.bfloat16, seed=SEED,
+                               cpu_offload=True)
+    model, optimizer, _ = wrap_sharded_model(model, "fsdp2", optimizer=lambda ps: torch.optim.AdamW(ps, lr=LR))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR)
     ids = rank_rows(global_batches()[0])
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -103,8 +113,8 @@ def nf4_grads(model_dir: str) -> dict:
     init_adapters(reference, SEED)
     reference(input_ids=ids, labels=ids).loss.backward()
     expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
-    model = load_model(model_dir, lora_config(), dtype=torch.float32, quantization="nf4", seed=SEED,
-                       mixed_precision="fp32")
+    model = load_sharded_model(model_dir, lora_config(), "fsdp2", dtype=torch.float32, quantization="nf4",
+                               seed=SEED, mixed_precision="fp32")
     ids = rank_rows(ids)
     model(input_ids=ids, labels=ids).loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
@@ -126,7 +136,7 @@ def missing_weight_error(model_dir: str, out: Path) -> str:
         save_file(weights, str(incomplete / "model.safetensors"))
     dist.barrier()
     try:
-        load_model(incomplete, lora_config(), dtype=torch.float32, seed=SEED)
+        load_sharded_model(incomplete, lora_config(), "fsdp2", dtype=torch.float32, seed=SEED)
     except ConfigError as err:
         return str(err)
     return "no error"
@@ -136,7 +146,7 @@ def main(model_dir: str, out: str) -> None:
     out = Path(out)
     strategy = make_strategy(model_dir)
     result = {"world_size": dist.get_world_size(), "losses": train_steps(strategy, range(STEPS))}
-    strategy.save_adapter(out / "adapter")
+    save_sharded_adapter(strategy.model, out / "adapter")  # a model the strategy sharded
     (off, result["forward_calls_off"]), (on, result["forward_calls_on"]) = (
         b_grads(model_dir, False), b_grads(model_dir, True))
     result["checkpointing_max_abs_diff"] = max(float((off[n] - on[n]).abs().max()) for n in off)
