@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                   args.gradient_checkpointing, args.dtype, "cuda", args.gpu_memory_gib, args.reserve_gib)
         result = plan(job)
     except ConfigError as error:
-        print(f"lorafa-scale plan: {error}")
+        print(f"lorafa-scale {error}", file=sys.stderr)  # every message starts with "plan:"
         return 2
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     return 0 if result.fits else 1

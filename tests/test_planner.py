@@ -113,6 +113,6 @@ def test_cli_text_json_and_exit_codes(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["fits"] is False and result["gpu_bytes"]["base weights"] > 130e9
     assert main(["no-such-model"]) == 2
-    assert "neither a preset" in capsys.readouterr().out
+    assert "lorafa-scale plan: 'no-such-model' is neither a preset" in capsys.readouterr().err
     assert main(["--seed-table"]) == 0
     assert "| llama-2-70b |" in capsys.readouterr().out
