@@ -164,6 +164,16 @@ def test_activation_checkpointing_gives_same_gradients(runs):
     assert train["checkpointing_max_abs_diff"] <= 1e-7 * train["grad_abs_max"]
 
 
+def test_wrap_shards_a_built_model(runs):
+    """lorafa_scale.sharding.wrap_sharded_model on a model built whole: sharded, optimizer and scheduler
+    built from callables, the first loss equal to the strategy run's."""
+    train = runs[2]
+    wrapped = train["wrapped"]
+    assert wrapped["q_proj_local_shape"] == [32, 64]
+    assert wrapped["loss"] == pytest.approx(train["losses"][0], rel=1e-6)
+    assert wrapped["lr"] == pytest.approx(LR / 2) and wrapped["b_norm"] > 0
+
+
 def test_bf16_mixed_precision_with_cpu_offload_trains(runs):
     bf16 = runs[2]["bf16"]
     assert (bf16["base_dtype"], bf16["b_dtype"]) == ("torch.bfloat16", "torch.float32")

@@ -88,6 +88,30 @@ def b_grads(model_dir: str, activation_checkpointing: bool) -> tuple[dict[str, t
     return {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}, len(calls)
 
 
+def wrap_built_model(model_dir: str) -> dict:
+    """wrap_sharded_model on a model built whole on every rank: it shards it, then builds the optimizer and
+    the scheduler from the callables; one step on the first batch."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora_config())
+    init_adapters(model, SEED)
+    module, optimizer, scheduler = wrap_sharded_model(
+        model, "fsdp2", optimizer=lambda ps: torch.optim.AdamW(ps, lr=LR),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5), mixed_precision="fp32")
+    ids = rank_rows(global_batches()[0])
+    loss = module(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    q_proj = module.get_base_model().model.layers[0].self_attn.q_proj
+    b = [p for n, p in module.named_parameters() if ".lora_B." in n]
+    return {
+        "loss": float(mean_loss) / dist.get_world_size(),
+        "q_proj_local_shape": list(q_proj.base_layer.weight.to_local().shape),
+        "lr": scheduler.get_last_lr()[0],
+        "b_norm": float(sum(p.detach().full_tensor().norm() ** 2 for p in b) ** 0.5),
+    }
+
+
 def bf16_step(model_dir: str) -> dict:
     """One step with the default policy (bf16 all-gather, fp32 reduce) on a bf16 base, with CPU offload."""
     model = load_sharded_model(model_dir, lora_config(), "fsdp2", dtype=torch.bfloat16, seed=SEED,
@@ -154,6 +178,7 @@ def main(model_dir: str, out: str) -> None:
     q_proj = strategy.model.get_base_model().model.layers[0].self_attn.q_proj
     result["q_proj_local_shape"] = list(q_proj.base_layer.weight.to_local().shape)
     result["q_proj_lora_A_local_shape"] = list(q_proj.lora_A.weight.to_local().shape)
+    result["wrapped"] = wrap_built_model(model_dir)
     result["bf16"] = bf16_step(model_dir)
     result["nf4"] = nf4_grads(model_dir)
     result["missing_weight_error"] = missing_weight_error(model_dir, out)
