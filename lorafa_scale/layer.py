@@ -198,6 +198,8 @@ class LoraFALinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return y
+        if not torch.is_grad_enabled() and not (self.training and self.lora_dropout > 0):
+            return self._add_adapter_inplace(x, y)
         if self.use_fast_adapter:
             p = self.lora_dropout if self.training else 0.0
             # The seed comes from the global CPU generator, so activation checkpointing (which restores
@@ -210,6 +212,13 @@ class LoraFALinear(nn.Module):
         else:  # plain LoRA, A trained: autograd keeps dropout(x) as PEFT does
             adapter = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
         return y + adapter.to(y.dtype)
+
+    def _add_adapter_inplace(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Inference: y += s * (A x) B^T as one addmm into the base output, with no output-sized temporary."""
+        dtype, y = y.dtype, y.contiguous()
+        projected = F.linear(x.to(dtype), self.lora_A.weight.to(dtype)).reshape(-1, self.r)
+        y.view(-1, y.shape[-1]).addmm_(projected, self.lora_B.weight.to(dtype).T, alpha=self.scaling)
+        return y
 
     def extra_repr(self) -> str:
         mode = "LoRA-FA" if self.use_fast_adapter else "LoRA"
