@@ -285,24 +285,20 @@ class LoraFAModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Fold s*B*A into each base weight and return the plain Hugging Face model."""
-        model = self.base_model.model
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LoraFALinear):
-                module.merge()
-                model.set_submodule(name, module.base_layer)
-            elif isinstance(module, ModulesToSave):
-                model.set_submodule(name, module.modules_to_save["default"])
-        return model
+        return self._remove_adapters(merge=True)
 
     def unload(self) -> nn.Module:
         """Remove the adapters without merging and return the original Hugging Face model."""
+        return self._remove_adapters(merge=False)
+
+    def _remove_adapters(self, merge: bool) -> nn.Module:
         model = self.base_model.model
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraFALinear):
-                module.unmerge()
+                module.merge() if merge else module.unmerge()
                 model.set_submodule(name, module.base_layer)
             elif isinstance(module, ModulesToSave):
-                model.set_submodule(name, module.original_module)
+                model.set_submodule(name, module.modules_to_save["default"] if merge else module.original_module)
         return model
 
     @contextmanager

@@ -198,3 +198,12 @@ def test_seed_card_examples_run_with_only_the_import_changed(tmp_path):
     gpt2.train()
     gpt2(input_ids=x, labels=x).loss.backward()
     assert all(p.grad is not None for n, p in gpt2.named_parameters() if p.requires_grad)
+
+
+def test_unload_returns_the_untouched_base_model():
+    base_logits = logits(tiny_llama())
+    model = train_b(get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear")))
+    model.merge_adapter()
+    plain = model.unload()
+    assert not any(isinstance(m, LoraFALinear) for m in plain.modules())
+    torch.testing.assert_close(logits(plain), base_logits, rtol=1e-5, atol=1e-5)
