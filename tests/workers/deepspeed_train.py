@@ -245,6 +245,10 @@ def main():
         result["nf4_control_weight_numel"] = control.weight.ds_numel
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result, indent=2))
+    # Tear down before exit: leaving the process group to interpreter shutdown sometimes aborted a rank
+    # ("terminate called without an active exception", SIGABRT) after all its work was done.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
