@@ -390,6 +390,11 @@ def train(args: TrainArgs) -> int:
     if main and exit_code == 0:
         print(f"lorafa-scale: done, {state['step']} steps ({state['skipped_steps']} skipped) | adapter (PEFT format): "
               f"{output / ADAPTER_DIR} | {output / METRICS_NAME} | {output / PLOT_NAME} | memory {_memory()}")
+    if torch.distributed.is_initialized():
+        # Left to interpreter shutdown, the process group's threads sometimes aborted a rank (SIGABRT,
+        # "terminate called without an active exception") after a finished run, turning exit 0 or 75 into a crash.
+        strategy.barrier()
+        torch.distributed.destroy_process_group()
     return exit_code
 
 
