@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import peft_format
@@ -289,22 +289,6 @@ def save_adapter(model: LoraFAModel, directory) -> None:
     dist.barrier()
 
 
-@torch.no_grad()
-def load_adapter_state_dict(model: LoraFAModel, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Collective: copy full adapter tensors (the same on every rank) into the sharded model."""
-    params = {peft_key: param for peft_key, param in model.adapter_state_dict().items()}
-    unknown = sorted(set(weights) ^ set(params))
-    if unknown:
-        raise peft_format.AdapterFormatError(f"{source}: adapter does not fit this model ({unknown[0]} ...)")
-    for key, param in params.items():
-        value = weights[key].to(param.dtype)
-        if isinstance(param, DTensor):
-            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-        param.copy_(value)
-    for layer in model.lora_layers():
-        layer.refresh_b_grad_correction()
-
-
 class FSDPStrategy(Strategy):
     """Data-parallel training of a model sharded by shard_model (one process per device, torchrun).
 
@@ -373,7 +357,7 @@ class FSDPStrategy(Strategy):
     def load_checkpoint(self, directory) -> dict:
         """Collective: restore what save_checkpoint wrote (after setup); return the client state."""
         directory = Path(directory)
-        load_adapter_state_dict(self.model, load_file(str(directory / ADAPTER_WEIGHTS_NAME)), str(directory))
+        self.model.load_adapter_weights(load_file(str(directory / ADAPTER_WEIGHTS_NAME)), str(directory))
         optimizer = torch.load(directory / OPTIMIZER_NAME, weights_only=True) if self.is_main() else {}
         set_optimizer_state_dict(
             self.model, self.optimizer, optimizer,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from . import peft_format
 from .backends import find_backend
@@ -239,7 +240,9 @@ class LoraFAModel(nn.Module):
         )
 
     def load_adapter_weights(self, weights: dict[str, torch.Tensor], source: str = "adapter") -> None:
-        """Copy {PEFT key: tensor} into the adapter; every key must match in name and shape."""
+        """Copy {PEFT key: tensor} into the adapter; every key must match in name and shape.
+
+        Collective under FSDP2 (each rank passes the full tensors and keeps its shard)."""
         params = dict(self.named_parameters())
         expected = {_saved_key(n): n for n in self._adapter_names()}
         missing = sorted(set(expected) - set(weights))
@@ -256,6 +259,8 @@ class LoraFAModel(nn.Module):
                     raise peft_format.AdapterFormatError(
                         f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
                     )
+                if isinstance(param, DTensor):  # sharded by FSDP2: every rank passes the full tensor
+                    tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
                 param.copy_(tensor)
         for layer in self.lora_layers():
             layer.refresh_b_grad_correction()
