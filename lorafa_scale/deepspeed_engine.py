@@ -303,9 +303,7 @@ def save_adapter(engine_or_model, directory) -> None:
     model = _lorafa_model(engine_or_model)
     state = adapter_state_dict(model, rank0_only=True)
     if state:
-        fan_in_fan_out = any(layer.backend.fan_in_fan_out for layer in model.lora_layers())
-        peft_format.save_adapter(directory, state, model.config_lorafa, model.base_model.resolved_target_modules(),
-                                 fan_in_fan_out)
+        model.save_pretrained(directory, state_dict=state)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

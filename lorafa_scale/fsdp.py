@@ -41,7 +41,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from . import peft_format
 from .config import ConfigError, LoraFAConfig
 from .model import LoraFAModel, get_peft_model
 from .strategy import ADAPTER_WEIGHTS_NAME, CLIENT_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, Strategy
@@ -282,10 +281,7 @@ def save_adapter(model: LoraFAModel, directory) -> None:
     """Collective: gather the adapter and write it once (rank 0), in PEFT format."""
     state = gather_adapter_state_dict(model)
     if dist.get_rank() == 0:
-        fan_in_fan_out = any(layer.backend.fan_in_fan_out for layer in model.lora_layers())
-        peft_format.save_adapter(
-            directory, state, model.config_lorafa, model.base_model.resolved_target_modules(), fan_in_fan_out
-        )
+        model.save_pretrained(directory, state_dict=state)
     dist.barrier()
 
 

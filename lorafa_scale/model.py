@@ -230,12 +230,15 @@ class LoraFAModel(nn.Module):
         return {_saved_key(n): params[n] for n in self._adapter_names()}
 
     # -- save / load -------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, **_ignored) -> None:
+    def save_pretrained(self, save_directory, safe_serialization: bool = True,
+                        state_dict: dict[str, torch.Tensor] | None = None, **_ignored) -> None:
+        """Write the adapter in PEFT format. `state_dict` ({PEFT key: tensor}, as in PEFT) replaces the live
+        tensors: sharding engines pass the full tensors they gathered."""
         if not safe_serialization:
             raise ValueError("save_pretrained: lorafa-scale writes safetensors only (safe_serialization=True)")
         fan_in_fan_out = any(layer.backend.fan_in_fan_out for layer in self.lora_layers())
         peft_format.save_adapter(
-            save_directory, self.adapter_state_dict(), self.config_lorafa,
+            save_directory, self.adapter_state_dict() if state_dict is None else state_dict, self.config_lorafa,
             self.base_model.resolved_target_modules(), fan_in_fan_out,
         )
 
