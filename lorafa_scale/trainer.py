@@ -136,7 +136,7 @@ def build_model(args: TrainArgs, strategy: Strategy):
     """The base model from args.model with LoRA-FA injected, built in the strategy's init context."""
     from transformers import AutoModelForCausalLM
 
-    from .quantization import bnb_config, default_device_map, prepare_for_training, upcast_trainable_
+    from .quantization import bnb_config, default_device_map, upcast_trainable_
 
     dtype = getattr(torch, args.dtype)
     lora_config = LoraFAConfig(
@@ -151,8 +151,6 @@ def build_model(args: TrainArgs, strategy: Strategy):
     torch.manual_seed(args.seed)  # the adapter's A
     with strategy.model_init_context() if quantization is None else nullcontext():
         base = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
-        if quantization is not None:
-            prepare_for_training(base)  # keeps bitsandbytes' 4-bit CPU layers trainable after an eval pass
         if args.gradient_checkpointing:  # non-reentrant: restores the RNG, so dropout masks repeat
             if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.x
                 base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -224,16 +222,6 @@ def evaluate(module, strategy: Strategy, examples, micro_batch_size: int, pad_id
     module.train()
     totals = strategy.all_reduce_sum(totals)
     return float(totals[0] / totals[1])
-
-
-def _parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total), counting ZeRO-3-partitioned parameters at their full size."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = getattr(param, "ds_numel", param.numel())
-        total += n
-        trainable += n if param.requires_grad else 0
-    return trainable, total
 
 
 def _memory() -> str:
@@ -317,7 +305,7 @@ def train(args: TrainArgs) -> int:
         (output / RUN_CONFIG_NAME).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
     metrics = MetricsLog(output, main, state["step"], args.report_to, args.to_dict())
 
-    trainable, total = _parameter_counts(model)
+    trainable, total = model.get_nb_trainable_parameters()
     if main:
         print(f"lorafa-scale: {args.model} | {total / 1e6:.2f}M params, {trainable:,} trainable "
               f"({100 * trainable / total:.3f}%) | {strategy.name}, {strategy.world_size} process(es) | "

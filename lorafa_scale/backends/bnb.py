@@ -91,13 +91,15 @@ class Linear8bitBackend(Backend):
 
 
 def stored_numel(param: torch.Tensor) -> int:
-    """How many weights a parameter stands for: a Params4bit packs two 4-bit values per byte of storage.
+    """How many weights a parameter stands for: its full size when ZeRO-3 has partitioned it (ds_numel), and
+    for a Params4bit two 4-bit values per byte of storage.
 
     Matches PEFT's count (numel x 2 x bytes per storage element), so print_trainable_parameters agrees.
     """
+    numel = getattr(param, "ds_numel", param.numel())
     if type(param).__name__ == "Params4bit":
-        return param.numel() * 2 * param.element_size()
-    return param.numel()
+        return numel * 2 * param.element_size()
+    return numel
 
 
 LINEAR_4BIT = Linear4bitBackend()
