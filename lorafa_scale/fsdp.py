@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import ConfigError, LoraFAConfig
+from .hf_checkpoint import safetensors_files
 from .model import LoraFAModel, get_peft_model
 from .strategy import ADAPTER_WEIGHTS_NAME, CLIENT_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, Strategy
 
@@ -172,16 +173,6 @@ def _tied_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module, 
     return tied
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"{single}: not found (lorafa-scale loads safetensors checkpoints only)")
-    return [single]
-
-
 def _local_rows(weight_slice, param: DTensor) -> DTensor:
     """This rank's rows of a checkpoint tensor, read from disk alone, as the DTensor shard FSDP2 expects.
 
@@ -208,7 +199,7 @@ def load_base_weights(model: LoraFAModel, directory) -> None:
     params = dict(model.named_parameters())
     tied = _tied_parameters(model)
     loaded: dict[str, DTensor] = {}
-    for path in _weight_files(directory):
+    for path in safetensors_files(directory):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 for name in targets.get(key, []):
@@ -241,7 +232,7 @@ def load_model(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path / 'config.json'}: not found (expected a Hugging Face model directory)")
-    _weight_files(path)  # a missing checkpoint fails here, before any work
+    safetensors_files(path)  # a missing checkpoint fails here, before any work
     if quantization == "int8":
         raise ConfigError(f"fsdp: quantization='int8' cannot be sharded by FSDP2 ({INT8_REASON}); use nf4 or fp4")
     device = init_distributed()

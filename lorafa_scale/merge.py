@@ -23,16 +23,8 @@ from safetensors import safe_open
 from . import peft_format
 from .backends import find_backend
 from .config import ConfigError
+from .hf_checkpoint import safetensors_files
 from .quantization import DTYPES, QUANTIZATION_CHOICES, bnb_config, resolve_dtype
-
-
-def _checkpoint_shards(base_dir: Path) -> list[str]:
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    if (base_dir / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    raise ConfigError(f"{base_dir}: no model.safetensors or model.safetensors.index.json (export needs safetensors)")
 
 
 def _roundtrip(weight: torch.Tensor, quantization_config) -> torch.Tensor:
@@ -97,7 +89,7 @@ def export_merged(adapter_dir, base_dir, out_dir, *, quantization: str = "none",
     dtype = resolve_dtype(dtype)
     config = peft_format.load_config(adapter_dir)
     adapter = peft_format.load_weights(adapter_dir)
-    shards = _checkpoint_shards(base_dir)
+    shards = [path.name for path in safetensors_files(base_dir)]
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists; export_merged never overwrites")
     prefix = "base_model.model."
@@ -158,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export_merged(args.adapter, args.base, args.output, quantization=args.quantization,
                             dtype=args.dtype, double_quant=args.double_quant)
-    except (ConfigError, peft_format.AdapterFormatError, FileExistsError) as err:
+    except (ConfigError, peft_format.AdapterFormatError, FileExistsError, FileNotFoundError) as err:
         print(f"lorafa-scale merge: error: {err}", file=sys.stderr)
         return 2
     print(f"lorafa-scale: merged model written to {out}")
