@@ -28,7 +28,6 @@ draws, every rank receives), so no rank ever holds more than one layer's adapter
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +44,7 @@ from .config import LoraFAConfig
 from .deepspeed_config import DeepSpeedConfigError, read_ds_config, resolve_ds_config, zero_stage
 from .layer import ADAPTER_CREATION_CONTEXT
 from .model import LoraFAModel, get_peft_model
-from .strategy import CLIENT_STATE_NAME, Strategy
+from .strategy import Strategy, read_client_state, write_client_state
 
 FROZEN_ADAPTER_NAME = "frozen_adapter.safetensors"
 ENGINE_TAG = "engine"
@@ -441,9 +440,9 @@ class DeepSpeedStrategy(Strategy):
     def save_checkpoint(self, directory, client_state: dict) -> None:
         save_checkpoint(self.engine, directory)
         if self.is_main():
-            (Path(directory) / CLIENT_STATE_NAME).write_text(json.dumps(client_state, indent=2) + "\n")
+            write_client_state(directory, client_state)
         self.barrier()
 
     def load_checkpoint(self, directory) -> dict:
         load_checkpoint(self.engine, directory)
-        return json.loads((Path(directory) / CLIENT_STATE_NAME).read_text())
+        return read_client_state(directory)

@@ -21,7 +21,6 @@ torch.distributed.checkpoint would write per-rank shards but reads its metadata 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ import torch
 import torch.distributed as dist
 from accelerate import init_empty_weights
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -44,7 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .config import ConfigError, LoraFAConfig
 from .hf_checkpoint import safetensors_files
 from .model import LoraFAModel, get_peft_model
-from .strategy import ADAPTER_WEIGHTS_NAME, CLIENT_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, Strategy
+from .strategy import Strategy
 
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 INT8_REASON = "its scales are attributes of the weight tensor, which sharding drops"
@@ -326,30 +324,13 @@ class FSDPStrategy(Strategy):
     def save_adapter(self, directory) -> None:
         save_adapter(self.model, directory)
 
-    def save_checkpoint(self, directory, client_state: dict) -> None:
-        """Collective: the files Strategy.save_checkpoint writes, with everything gathered first."""
-        directory = Path(directory)
-        adapter = self.adapter_state_dict()
-        optimizer = get_optimizer_state_dict(
+    def optimizer_state_dict(self) -> dict:
+        return get_optimizer_state_dict(
             self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        if self.is_main():
-            save_file(adapter, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-            torch.save(optimizer, directory / OPTIMIZER_NAME)
-            if self.scheduler is not None:
-                torch.save(self.scheduler.state_dict(), directory / SCHEDULER_NAME)
-            (directory / CLIENT_STATE_NAME).write_text(json.dumps(client_state, indent=2) + "\n")
-        self.barrier()
 
-    def load_checkpoint(self, directory) -> dict:
-        """Collective: restore what save_checkpoint wrote (after setup); return the client state."""
-        directory = Path(directory)
-        self.model.load_adapter_weights(load_file(str(directory / ADAPTER_WEIGHTS_NAME)), str(directory))
-        optimizer = torch.load(directory / OPTIMIZER_NAME, weights_only=True) if self.is_main() else {}
+    def load_optimizer_state_dict(self, path: Path) -> None:
+        state = torch.load(path, weights_only=True) if self.is_main() else {}
         set_optimizer_state_dict(
-            self.model, self.optimizer, optimizer,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+            self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
         )
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_NAME, weights_only=True))
-        return json.loads((directory / CLIENT_STATE_NAME).read_text())

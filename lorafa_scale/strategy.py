@@ -138,25 +138,44 @@ class Strategy:
             self.model.save_pretrained(directory)
         self.barrier()
 
+    def optimizer_state_dict(self) -> dict:
+        """Collective: the optimizer state as one full state dict (engines that shard it gather it)."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, path: Path) -> None:
+        """Collective: restore the optimizer from the file optimizer_state_dict() was saved to."""
+        self.optimizer.load_state_dict(torch.load(path, weights_only=True))
+
     def save_checkpoint(self, directory, client_state: dict) -> None:
         """Collective: write into the existing `directory` everything to continue exactly (A and B,
-        optimizer, scheduler, `client_state` as JSON), never the frozen base. The caller makes the write
-        atomic (temporary directory, then rename) and saves the RNG states itself."""
+        optimizer, scheduler, `client_state` as JSON), never the frozen base; rank 0 writes. The caller
+        makes the write atomic (temporary directory, then rename) and saves the RNG states itself."""
         directory = Path(directory)
-        save_file(self.adapter_state_dict(), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_NAME)
-        if self.scheduler is not None:
-            torch.save(self.scheduler.state_dict(), directory / SCHEDULER_NAME)
-        (directory / CLIENT_STATE_NAME).write_text(json.dumps(client_state, indent=2) + "\n")
+        adapter, optimizer = self.adapter_state_dict(), self.optimizer_state_dict()
+        if self.is_main():
+            save_file(adapter, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+            torch.save(optimizer, directory / OPTIMIZER_NAME)
+            if self.scheduler is not None:
+                torch.save(self.scheduler.state_dict(), directory / SCHEDULER_NAME)
+            write_client_state(directory, client_state)
+        self.barrier()
 
     def load_checkpoint(self, directory) -> dict:
         """Collective: restore what save_checkpoint wrote (after setup); return client_state."""
         directory = Path(directory)
         self.model.load_adapter_weights(load_file(str(directory / ADAPTER_WEIGHTS_NAME)), str(directory))
-        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, weights_only=True))
+        self.load_optimizer_state_dict(directory / OPTIMIZER_NAME)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_NAME, weights_only=True))
-        return json.loads((directory / CLIENT_STATE_NAME).read_text())
+        return read_client_state(directory)
+
+
+def write_client_state(directory: Path, client_state: dict) -> None:
+    (Path(directory) / CLIENT_STATE_NAME).write_text(json.dumps(client_state, indent=2) + "\n")
+
+
+def read_client_state(directory: Path) -> dict:
+    return json.loads((Path(directory) / CLIENT_STATE_NAME).read_text())
 
 
 class SingleProcessStrategy(Strategy):

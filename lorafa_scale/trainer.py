@@ -41,7 +41,7 @@ from .data import IGNORE_INDEX, BatchSchedule, DataError, collate, load_dataset,
 from .metrics import METRICS_NAME, PLOT_NAME, MetricsLog, check_tracker
 from .model import get_peft_model
 from .peft_format import AdapterFormatError
-from .strategy import CLIENT_STATE_NAME, Strategy, make_strategy
+from .strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state
 from .train_args import TrainArgs, parse_args
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "try again later"; a Slurm script requeues on it
@@ -94,7 +94,7 @@ def resume_point(args: TrainArgs, world_size: int) -> Path | None:
     check_resumable(checkpoint, world_size)
     if not (checkpoint / CLIENT_STATE_NAME).is_file():
         raise CheckpointError(f"{checkpoint}: no {CLIENT_STATE_NAME}; not a lorafa-scale checkpoint")
-    saved = json.loads((checkpoint / CLIENT_STATE_NAME).read_text()).get("args", {})
+    saved = read_client_state(checkpoint).get("args", {})
     changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(args, k)]
     if changed:
         details = ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in changed)
