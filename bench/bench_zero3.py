@@ -2,7 +2,7 @@
 
 One torchrun launch per variant (2 processes, DS_ACCELERATOR=cpu) on the bench model saved to a temporary
 folder, both with ds_configs/zero3.json (memory_efficient_linear off, float32). Ours: lorafa_scale.
-deepspeed_engine.load_model + wrap. PEFT: transformers under HfDeepSpeedConfig (zero.Init), peft.get_peft_model,
+lorafa_scale.engines.deepspeed.load_model + wrap. PEFT: transformers under HfDeepSpeedConfig (zero.Init), peft.get_peft_model,
 deepspeed.initialize, as PEFT's DeepSpeed guide does. Each rank reports its peak RSS and per-step times.
 
     python bench/bench_zero3.py --steps 3
@@ -27,8 +27,9 @@ from common import ALPHA, DROPOUT, LR, R, base_model, batch, save_result
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from lorafa_scale import LoraFAConfig, deepspeed_engine
-from lorafa_scale.deepspeed_config import resolve_ds_config
+from lorafa_scale import LoraFAConfig
+from lorafa_scale.engines import deepspeed as deepspeed_engine
+from lorafa_scale.engines.deepspeed_config import resolve_ds_config
 from lorafa_scale.planner import ALL_TARGETS
 
 DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json"

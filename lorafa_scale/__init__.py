@@ -4,10 +4,10 @@
 """
 
 from .config import ConfigError, LoraConfig, LoraFAConfig
+from .engines import load_sharded_model, save_sharded_adapter, wrap_sharded_model
 from .layer import LoraFAFunction, LoraFALinear
 from .model import LoraFAModel, PeftModel, get_lorafa_model, get_peft_model
 from .peft_format import AdapterFormatError
-from .sharding import load_sharded_model, save_sharded_adapter, wrap_sharded_model
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
-from .deepspeed_config import read_ds_config, zero_stage
+from .engines.deepspeed_config import read_ds_config, zero_stage
 from .hostlist import expand_nodelist
 from .presets import GEOMETRIES, Preset, get_preset, preset_for
 

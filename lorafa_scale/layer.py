@@ -110,7 +110,7 @@ def orthonormal_rows_(weight: torch.Tensor) -> torch.Tensor:
 
 
 # The context LoraFALinear creates lora_A / lora_B in. A sharding engine may set it: DeepSpeed's zero.Init
-# partitions them as they are created (deepspeed_engine.py), and that engine then initialises them.
+# partitions them as they are created (engines/deepspeed.py), and that engine then initialises them.
 ADAPTER_CREATION_CONTEXT: ContextVar = ContextVar("ADAPTER_CREATION_CONTEXT", default=nullcontext)
 
 

@@ -38,10 +38,10 @@ from .checkpoint import (
 )
 from .config import ConfigError, LoraFAConfig
 from .data import IGNORE_INDEX, BatchSchedule, DataError, collate, load_dataset, trained_tokens
+from .engines.strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state
 from .metrics import METRICS_NAME, PLOT_NAME, MetricsLog, check_tracker
 from .model import get_peft_model
 from .peft_format import AdapterFormatError
-from .strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state
 from .train_args import TrainArgs, parse_args
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "try again later"; a Slurm script requeues on it

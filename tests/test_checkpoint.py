@@ -21,7 +21,7 @@ from lorafa_scale.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lorafa_scale.strategy import Strategy
+from lorafa_scale.engines.strategy import Strategy
 from tests.tiny_models import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ from lorafa_scale import PeftModel, trainer
 from lorafa_scale.checkpoint import complete_checkpoints
 from lorafa_scale.data import IGNORE_INDEX, load_dataset
 from lorafa_scale.embedded import build_tokenizer
+from lorafa_scale.engines.strategy import Strategy
 from lorafa_scale.metrics import read_metrics
-from lorafa_scale.strategy import Strategy
 from lorafa_scale.train_args import parse_args
 from tests.tiny_models import save_tiny_llama
 

@@ -3,7 +3,7 @@
 The reference is the README's command, one process with gradient accumulation 2. Against it: 2 processes
 stopped by SIGTERM (sent to the whole process group, as Slurm does) and resumed with --resume auto. All runs
 draw A the same way (rank 0 draws it under zero.Init); a plain single-process run draws it in another
-order, so it is not the reference here (tests/test_deepspeed_engine.py compares against one with a shared
+order, so it is not the reference here (tests/engines/test_deepspeed.py compares against one with a shared
 initial adapter).
 """
 

@@ -1,4 +1,4 @@
-"""2-rank ZeRO-3 worker for tests/test_deepspeed_slices.py: one-layer slices of real model geometries.
+"""2-rank ZeRO-3 worker for tests/engines/test_deepspeed_slices.py: one-layer slices of real model geometries.
 
 For each named geometry (lorafa_scale.presets.GEOMETRIES) a model with ONE decoder layer, its full-size
 embeddings and head, in bf16, is built under zero.Init with LoRA-FA on every linear layer (r=16), wrapped in
@@ -24,14 +24,14 @@ from transformers import LlamaForCausalLM
 from transformers.initialization import no_init_weights
 
 from lorafa_scale import LoraFAConfig, get_peft_model
-from lorafa_scale.deepspeed_config import resolve_ds_config
-from lorafa_scale.deepspeed_engine import (
+from lorafa_scale.engines.deepspeed import (
     adapter_state_dict,
     init_distributed,
     init_partitioned_adapters,
     wrap,
     zero3_init_context,
 )
+from lorafa_scale.engines.deepspeed_config import resolve_ds_config
 from lorafa_scale.presets import GEOMETRIES
 
 R, TOKENS = 16, 8

@@ -1,4 +1,4 @@
-"""2-rank DeepSpeed worker for tests/test_deepspeed_engine.py (run by torchrun, DS_ACCELERATOR=cpu).
+"""2-rank DeepSpeed worker for tests/engines/test_deepspeed.py (run by torchrun, DS_ACCELERATOR=cpu).
 
 One run checks several things to pay DeepSpeed's start-up once:
 1. load_sharded_model(engine="zero3") under zero.Init (ZeRO-3) and export the initial adapter (for the
@@ -8,7 +8,7 @@ One run checks several things to pay DeepSpeed's start-up once:
 4. (ZeRO-3) count gathered weight elements alive between forward and backward, with a leaking control;
 5. (ZeRO-3) B's gradient with reentrant and non-reentrant activation checkpointing vs none;
 6. (ZeRO-3) a 4-bit base trained as a user's own loop does: wrap_sharded_model, engine.backward/engine.step.
-Loading and adapter export go through lorafa_scale.sharding (the one entry point for both engines).
+Loading and adapter export go through lorafa_scale.engines (the one entry point for both engines).
 Results go to <out>/result.json (rank 0) and adapter directories under <out>.
 """
 
@@ -32,8 +32,8 @@ from lorafa_scale import (
     save_sharded_adapter,
     wrap_sharded_model,
 )
-from lorafa_scale.deepspeed_engine import DeepSpeedStrategy, adapter_state_dict
-from lorafa_scale.sharding import DS_CONFIG_ATTR
+from lorafa_scale.engines import DS_CONFIG_ATTR
+from lorafa_scale.engines.deepspeed import DeepSpeedStrategy, adapter_state_dict
 
 MICRO, ACCUM, WORLD = 2, 2, 2  # per-rank micro-batch, accumulation, ranks
 RESUME_AT, LR, WEIGHT_DECAY, CLIP = 2, 1e-2, 0.01, 0.5

@@ -1,10 +1,10 @@
-"""FSDP2 worker for tests/test_fsdp.py: `torchrun --nproc_per_node 2 fsdp_train.py MODEL_DIR OUT`.
+"""FSDP2 worker for tests/engines/test_fsdp.py: `torchrun --nproc_per_node 2 fsdp_train.py MODEL_DIR OUT`.
 
 Loads the tiny model sharded from MODEL_DIR the way the training loop does, trains STEPS steps, exports the
 adapter, compares activation checkpointing on/off, runs one bf16 mixed-precision step with CPU offload,
 checks a 4-bit base and the error for an incomplete checkpoint. Rank 0 writes OUT/train.json. The test
 imports lora_config() and global_batches() for its single-process reference run. Besides the training-loop
-strategy, loading, wrapping and export go through lorafa_scale.sharding (engine="fsdp2"), the one entry
+strategy, loading, wrapping and export go through lorafa_scale.engines (engine="fsdp2"), the one entry
 point for both engines.
 """
 
@@ -29,7 +29,7 @@ from lorafa_scale import (
     save_sharded_adapter,
     wrap_sharded_model,
 )
-from lorafa_scale.fsdp import FSDPStrategy, init_adapters
+from lorafa_scale.engines.fsdp import FSDPStrategy, init_adapters
 from lorafa_scale.quantization import load_model as load_quantized
 
 SEED, STEPS, LR = 7, 4, 1e-2

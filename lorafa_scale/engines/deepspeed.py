@@ -36,14 +36,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import peft_format
-from .backends import find_backend
-from .backends.bnb import LINEAR_4BIT
-from .backends.torch_linear import LINEAR
-from .config import LoraFAConfig
+from .. import peft_format
+from ..backends import find_backend
+from ..backends.bnb import LINEAR_4BIT
+from ..backends.torch_linear import LINEAR
+from ..config import LoraFAConfig
+from ..layer import ADAPTER_CREATION_CONTEXT
+from ..model import LoraFAModel, get_peft_model
 from .deepspeed_config import DeepSpeedConfigError, read_ds_config, resolve_ds_config, zero_stage
-from .layer import ADAPTER_CREATION_CONTEXT
-from .model import LoraFAModel, get_peft_model
 from .strategy import Strategy, read_client_state, write_client_state
 
 FROZEN_ADAPTER_NAME = "frozen_adapter.safetensors"
@@ -208,7 +208,7 @@ def load_model(
         max_grad_norm=max_grad_norm, hidden_size=getattr(hf_config, "hidden_size", None), dtype=dtype,
     )
     if quantization != "none":
-        from .quantization import load_model as load_quantized
+        from ..quantization import load_model as load_quantized
 
         if quantization == "int8" and zero_stage(config) == 3:
             raise DeepSpeedConfigError("quantization='int8' cannot be partitioned by ZeRO-3; use nf4 or fp4")

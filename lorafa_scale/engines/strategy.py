@@ -1,7 +1,7 @@
 """How a training loop runs: one process, a DeepSpeed engine, or FSDP2.
 
 The loop (trainer.py) talks only to this interface, so each engine lives in its own module
-(deepspeed_engine.py, fsdp.py) and plugs in without the loop knowing its details.
+(deepspeed.py, fsdp.py) and plugs in without the loop knowing its details.
 
 Life of a run:
     strategy = make_strategy(args)                       # picks the engine; initialises distributed
@@ -194,8 +194,8 @@ class SingleProcessStrategy(Strategy):
 
 # --strategy value -> (module, class); engines are imported only when chosen.
 ENGINES = {
-    "deepspeed": ("lorafa_scale.deepspeed_engine", "DeepSpeedStrategy"),
-    "fsdp": ("lorafa_scale.fsdp", "FSDPStrategy"),
+    "deepspeed": ("lorafa_scale.engines.deepspeed", "DeepSpeedStrategy"),
+    "fsdp": ("lorafa_scale.engines.fsdp", "FSDPStrategy"),
 }
 
 

@@ -2,7 +2,7 @@
 CPU processes: built partitioned, adapters on every linear layer, one training step.
 
 Memory heavy (about 8.5 GiB per rank for the 70B slice): run it alone,
-    python -m pytest -q tests/test_deepspeed_slices.py
+    python -m pytest -q tests/engines/test_deepspeed_slices.py
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import pytest
 
 from lorafa_scale.presets import GEOMETRIES
-from tests.test_deepspeed_engine import torchrun
+from tests.engines.test_deepspeed import torchrun
 from tests.workers import deepspeed_slice as worker
 
 SLICES = ("llama-2-13b", "llama-3-70b")

@@ -6,7 +6,7 @@
     ...loss = module(**batch).loss...
     save_sharded_adapter(module, "out/adapter")             # every rank calls; rank 0 writes (PEFT)
 
-Each call dispatches to the engine's own functions (deepspeed_engine.load_model / wrap / save_adapter,
+Each call dispatches to the engine's own functions (deepspeed.load_model / wrap / save_adapter,
 fsdp.load_model / shard_model / save_adapter), imported on first use, so `import lorafa_scale` never imports
 DeepSpeed. The loader records the engine, and for zero3 the resolved DeepSpeed config, on the model
 (`lorafa_sharding_engine`, `lorafa_ds_config`), so the wrap call needs neither again. What stays different
@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from .config import ConfigError, LoraFAConfig
+from ..config import ConfigError, LoraFAConfig
 
 ENGINES = ("zero3", "fsdp2")
 ENGINE_ATTR, DS_CONFIG_ATTR = "lorafa_sharding_engine", "lorafa_ds_config"
@@ -43,10 +43,10 @@ def load_sharded_model(path, lora_config: LoraFAConfig, engine: str, *, ds_confi
     if engine == "zero3" and ds_config is None:
         raise ConfigError("engine='zero3' needs ds_config (a dict or a JSON path: ds_configs/zero3.json)")
     if engine == "zero3":
-        from . import deepspeed_engine
+        from .deepspeed import load_model
 
-        model, resolved = deepspeed_engine.load_model(path, lora_config, ds_config, dtype=dtype,
-                                                      quantization=quantization, **engine_options)
+        model, resolved = load_model(path, lora_config, ds_config, dtype=dtype, quantization=quantization,
+                                     **engine_options)
         setattr(model, DS_CONFIG_ATTR, resolved)
     else:
         from . import fsdp
@@ -69,7 +69,7 @@ def wrap_sharded_model(model, engine: str, *, optimizer, lr_scheduler=None, ds_c
     if recorded not in (None, engine):
         raise ConfigError(f"the model was loaded for engine={recorded!r}, not {engine!r}")
     if engine == "zero3":
-        from .deepspeed_engine import wrap
+        from .deepspeed import wrap
 
         ds_config = getattr(model, DS_CONFIG_ATTR, None) if ds_config is None else ds_config
         if ds_config is None:
@@ -110,7 +110,7 @@ def save_sharded_adapter(module, directory) -> None:
 
         engine = getattr(module, ENGINE_ATTR, None) or ("fsdp2" if isinstance(module, FSDPModule) else None)
     if engine == "zero3":
-        from .deepspeed_engine import save_adapter
+        from .deepspeed import save_adapter
     elif engine == "fsdp2":
         from .fsdp import save_adapter
     else:

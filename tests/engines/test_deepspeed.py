@@ -20,14 +20,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lorafa_scale import LoraFAModel
-from lorafa_scale.deepspeed_config import DeepSpeedConfigError, resolve_ds_config
+from lorafa_scale.engines.deepspeed_config import DeepSpeedConfigError, resolve_ds_config
+from lorafa_scale.engines.strategy import Strategy
 from lorafa_scale.peft_format import WEIGHTS_NAME
 from lorafa_scale.quantization import load_model as load_quantized
-from lorafa_scale.strategy import Strategy
 from tests.tiny_models import save_tiny_llama, tiny_llama_config
 from tests.workers import deepspeed_train as worker
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 WORKER = ROOT / "tests" / "workers" / "deepspeed_train.py"
 STEPS, SEQ = 4, 16
 

@@ -1,7 +1,7 @@
-"""lorafa_scale.sharding, the one entry point for both engines: its errors (no processes).
+"""lorafa_scale.engines, the one entry point for both engines: its errors (no processes).
 
 The 2-rank runs go through it in tests/workers/deepspeed_train.py (engine="zero3": load, wrap, export) and
-tests/workers/fsdp_train.py (engine="fsdp2"), checked by tests/test_deepspeed_engine.py and tests/test_fsdp.py.
+tests/workers/fsdp_train.py (engine="fsdp2"), checked by tests/engines/test_deepspeed.py and tests/engines/test_fsdp.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from lorafa_scale import (
     save_sharded_adapter,
     wrap_sharded_model,
 )
-from lorafa_scale.sharding import ENGINE_ATTR
+from lorafa_scale.engines import ENGINE_ATTR
 from tests.tiny_models import tiny_llama
 from tests.workers.fsdp_train import lora_config
 
@@ -48,6 +48,6 @@ def test_engine_specific_arguments_are_checked_first(tmp_path):
 
 
 def test_package_import_does_not_import_the_engines():
-    code = "import sys, lorafa_scale; print(sorted({'deepspeed', 'lorafa_scale.fsdp'} & set(sys.modules)))"
+    code = "import sys, lorafa_scale; print(sorted({'deepspeed', 'lorafa_scale.engines.deepspeed', 'lorafa_scale.engines.fsdp'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]"

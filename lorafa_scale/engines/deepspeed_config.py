@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 
 BATCH_FIELDS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 

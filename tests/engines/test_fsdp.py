@@ -21,14 +21,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lorafa_scale import ConfigError, get_peft_model
-from lorafa_scale.fsdp import decoder_layers, init_adapters, load_model, shard_model
+from lorafa_scale.engines.fsdp import decoder_layers, init_adapters, load_model, shard_model
+from lorafa_scale.engines.strategy import Strategy
 from lorafa_scale.metrics import read_metrics
 from lorafa_scale.quantization import load_model as load_quantized
-from lorafa_scale.strategy import Strategy
 from tests.tiny_models import save_tiny_llama, tiny_llama
 from tests.workers.fsdp_train import LR, SEED, STEPS, VOCAB, global_batches, lora_config
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 WORKER = ROOT / "tests" / "workers" / "fsdp_train.py"
 TRAIN = ROOT / "launch" / "train.py"
 ACCELERATE_CONFIG = ROOT / "launch" / "accelerate_fsdp.yaml"
@@ -165,7 +165,7 @@ def test_activation_checkpointing_gives_same_gradients(runs):
 
 
 def test_wrap_shards_a_built_model(runs):
-    """lorafa_scale.sharding.wrap_sharded_model on a model built whole: sharded, optimizer and scheduler
+    """lorafa_scale.engines.wrap_sharded_model on a model built whole: sharded, optimizer and scheduler
     built from callables, the first loss equal to the strategy run's."""
     train = runs[2]
     wrapped = train["wrapped"]

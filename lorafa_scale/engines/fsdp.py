@@ -39,9 +39,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .config import ConfigError, LoraFAConfig
-from .hf_checkpoint import safetensors_files
-from .model import LoraFAModel, get_peft_model
+from ..config import ConfigError, LoraFAConfig
+from ..hf_checkpoint import safetensors_files
+from ..model import LoraFAModel, get_peft_model
 from .strategy import Strategy
 
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -235,7 +235,7 @@ def load_model(
         raise ConfigError(f"fsdp: quantization='int8' cannot be sharded by FSDP2 ({INT8_REASON}); use nf4 or fp4")
     device = init_distributed()
     if quantization != "none":
-        from .quantization import load_model as load_quantized
+        from ..quantization import load_model as load_quantized
 
         model = load_quantized(path, quantization, dtype, lora_config, trust_remote_code=trust_remote_code)
     else:
