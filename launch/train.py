@@ -5,12 +5,12 @@
     torchrun --nproc_per_node N -- launch/train.py --fsdp --model DIR --dataset FILE   # "--": torchrun would
                                     # otherwise read the trainer's --r as an abbreviation of its own options
 
-All options: python launch/train.py --help. The logic lives in lorafa_scale/trainer.py.
+All options: python launch/train.py --help. The logic lives in lorafa_scale/training/loop.py.
 """
 
 import sys
 
-from lorafa_scale.trainer import main
+from lorafa_scale.training.loop import main
 
 if __name__ == "__main__":
     sys.exit(main())

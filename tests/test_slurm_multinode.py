@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lorafa_scale.trainer import EXIT_PREEMPTED
+from lorafa_scale.training.loop import EXIT_PREEMPTED
 from tests.test_slurm import ROOT, SLURM, TRAIN, slurm_env
 
 # lora_dropout 0: dropout masks are drawn per rank, so they differ between 1 and 2 processes.

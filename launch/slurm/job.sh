@@ -52,7 +52,7 @@ if [[ ${LORAFA_DRY_RUN:-0} == 1 ]]; then
 fi
 
 warned=0
-# shellcheck disable=SC2317  # reached through the trap, which shellcheck does not follow
+# shellcheck disable=SC2317,SC2329  # reached through the trap, which shellcheck does not follow
 on_time_limit_warning() {
   warned=1
   echo "job.sh: time-limit warning: asking the trainer to checkpoint and stop"
@@ -74,7 +74,7 @@ done
 # The trainer checkpointed and stopped: after the warning (torchrun then exits 1), or by its own exit code
 # for a checkpoint on SIGUSR1/SIGTERM (the deepspeed launchers pass it on).
 preempted() {
-  (($1 == $(python -c 'from lorafa_scale.trainer import EXIT_PREEMPTED; print(EXIT_PREEMPTED)')))
+  (($1 == $(python -c 'from lorafa_scale.training.loop import EXIT_PREEMPTED; print(EXIT_PREEMPTED)')))
 }
 if ((rc != 0)) && { ((warned)) || preempted "$rc"; }; then
   if ((restarts < ${LORAFA_MAX_REQUEUES:-20})); then

@@ -1,6 +1,6 @@
 """How a training loop runs: one process, a DeepSpeed engine, or FSDP2.
 
-The loop (trainer.py) talks only to this interface, so each engine lives in its own module
+The loop (training/loop.py) talks only to this interface, so each engine lives in its own module
 (deepspeed.py, fsdp.py) and plugs in without the loop knowing its details.
 
 Life of a run:
@@ -46,7 +46,7 @@ class Strategy:
     """Base class: a single process (no distributed), plain torch optimizer.
 
     Engine subclasses are constructed as Cls(args), args being the resolved training options
-    (train_args.TrainArgs: args.config, args.grad_accum, args.micro_batch_size, args.max_grad_norm, ...).
+    (training.args.TrainArgs: args.config, args.grad_accum, args.micro_batch_size, args.max_grad_norm, ...).
     """
 
     name = "single"

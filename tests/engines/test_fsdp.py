@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM
 from lorafa_scale import ConfigError, get_peft_model
 from lorafa_scale.engines.fsdp import decoder_layers, init_adapters, load_model, shard_model
 from lorafa_scale.engines.strategy import Strategy
-from lorafa_scale.metrics import read_metrics
 from lorafa_scale.quantization import load_model as load_quantized
+from lorafa_scale.training.metrics import read_metrics
 from tests.tiny_models import save_tiny_llama, tiny_llama
 from tests.workers.fsdp_train import LR, SEED, STEPS, VOCAB, global_batches, lora_config
 
@@ -200,7 +200,7 @@ def test_bad_model_directory_is_named(tmp_path):
 
 
 def test_train_script_errors_name_the_fix(tmp_path, capsys):
-    from lorafa_scale.trainer import main
+    from lorafa_scale.training.loop import main
 
     assert main(["--fsdp", "--model", "some-org/some-model", "--output-dir", str(tmp_path / "run")]) == 2
     assert "--model some-org/some-model: --fsdp reads the base weights from a local directory" in capsys.readouterr().err

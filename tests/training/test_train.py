@@ -17,16 +17,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorafa_scale import PeftModel, trainer
-from lorafa_scale.checkpoint import complete_checkpoints
-from lorafa_scale.data import IGNORE_INDEX, load_dataset
-from lorafa_scale.embedded import build_tokenizer
+from lorafa_scale import PeftModel
 from lorafa_scale.engines.strategy import Strategy
-from lorafa_scale.metrics import read_metrics
-from lorafa_scale.train_args import parse_args
+from lorafa_scale.training import loop
+from lorafa_scale.training.args import parse_args
+from lorafa_scale.training.checkpoint import complete_checkpoints
+from lorafa_scale.training.data import IGNORE_INDEX, load_dataset
+from lorafa_scale.training.embedded import build_tokenizer
+from lorafa_scale.training.metrics import read_metrics
 from tests.tiny_models import save_tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, str(REPO / "launch" / "train.py")]
 # A short run of the built-in job: small batches and sequences, dropout on (so RNG restore matters).
 SHORT = ["--micro-batch-size", "1", "--global-batch-size", "2", "--seq-len", "48", "--save-every", "0",
@@ -117,10 +118,10 @@ def test_resume_after_sigterm_and_sigusr1_matches_an_uninterrupted_run(tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     out = tmp_path / "interrupted"
-    assert _interrupt(out, signal.SIGTERM, 5, steps) == trainer.EXIT_PREEMPTED
+    assert _interrupt(out, signal.SIGTERM, 5, steps) == loop.EXIT_PREEMPTED
     first_stop = max(losses(out))
     assert [s for s, _ in complete_checkpoints(out)] == [first_stop]
-    assert _interrupt(out, signal.SIGUSR1, first_stop + 5, steps) == trainer.EXIT_PREEMPTED
+    assert _interrupt(out, signal.SIGUSR1, first_stop + 5, steps) == loop.EXIT_PREEMPTED
     assert max(losses(out)) < 40
     resumed = run_train("--output-dir", out, "--resume", "auto", *SHORT, *steps)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -133,7 +134,7 @@ def test_resume_after_sigterm_and_sigusr1_matches_an_uninterrupted_run(tmp_path)
 
 
 def _in_process(out, *options) -> int:
-    return trainer.main(["--output-dir", str(out), *map(str, options)])
+    return loop.main(["--output-dir", str(out), *map(str, options)])
 
 
 def test_gradient_accumulation_equals_a_large_micro_batch(tmp_path):
@@ -153,7 +154,7 @@ def test_gradient_accumulation_equals_a_large_micro_batch(tmp_path):
 
 def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, model_dir):
     for flag, expected in (([], False), (["--gradient-checkpointing"], True)):
-        model = trainer.build_model(parse_args(["--model", str(model_dir), *flag]), Strategy())
+        model = loop.build_model(parse_args(["--model", str(model_dir), *flag]), Strategy())
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) is expected
     common = ["--max-steps", "3", "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-len", "64",
               "--save-every", "0", "--lr", "1e-2"]  # dropout on: recomputation must redraw the same masks
@@ -193,7 +194,7 @@ def test_non_finite_losses_skip_the_step_and_too_many_stop_the_run(tmp_path, poi
 
     data.write_text("".join(json.dumps({"text": f"bad {i}!"}) + "\n" for i in range(12)))
     capsys.readouterr()
-    assert _in_process(tmp_path / "bad", *options, "--max-nonfinite-steps", "3") == trainer.EXIT_DIVERGED
+    assert _in_process(tmp_path / "bad", *options, "--max-nonfinite-steps", "3") == loop.EXIT_DIVERGED
     assert "3 steps in a row had a non-finite loss" in capsys.readouterr().err
     assert [s for s, _ in complete_checkpoints(tmp_path / "bad")] == [3]
     saved = load_file(str(tmp_path / "bad" / "checkpoints" / "step-3" / "adapter_model.safetensors"))

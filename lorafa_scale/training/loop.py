@@ -27,7 +27,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..config import ConfigError, LoraFAConfig
+from ..engines.strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state
+from ..model import get_peft_model
+from ..peft_format import AdapterFormatError
 from . import embedded
+from .args import TrainArgs, parse_args
 from .checkpoint import (
     CHECKPOINTS_DIR,
     CheckpointError,
@@ -36,13 +41,8 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import ConfigError, LoraFAConfig
 from .data import IGNORE_INDEX, BatchSchedule, DataError, collate, load_dataset, trained_tokens
-from .engines.strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state
 from .metrics import METRICS_NAME, PLOT_NAME, MetricsLog, check_tracker
-from .model import get_peft_model
-from .peft_format import AdapterFormatError
-from .train_args import TrainArgs, parse_args
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "try again later"; a Slurm script requeues on it
 EXIT_DIVERGED = 3  # too many consecutive non-finite losses
@@ -136,7 +136,7 @@ def build_model(args: TrainArgs, strategy: Strategy):
     """The base model from args.model with LoRA-FA injected, built in the strategy's init context."""
     from transformers import AutoModelForCausalLM
 
-    from .quantization import bnb_config, default_device_map, upcast_trainable_
+    from ..quantization import bnb_config, default_device_map, upcast_trainable_
 
     dtype = getattr(torch, args.dtype)
     lora_config = LoraFAConfig(

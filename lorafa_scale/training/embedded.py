@@ -51,4 +51,4 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int, dtype: torch.dtyp
 
 
 def sample_dataset_path() -> str:
-    return str(resources.files("lorafa_scale") / "data" / SAMPLE_DATASET)
+    return str(resources.files("lorafa_scale.training") / SAMPLE_DATASET)

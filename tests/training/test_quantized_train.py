@@ -10,12 +10,12 @@ import peft
 import torch
 
 from lorafa_scale import LoraFAModel
-from lorafa_scale.metrics import read_metrics
 from lorafa_scale.quantization import load_model
-from lorafa_scale.trainer import EMBEDDED_BASE_DIR, ensure_embedded_base
+from lorafa_scale.training.loop import EMBEDDED_BASE_DIR, ensure_embedded_base
+from lorafa_scale.training.metrics import read_metrics
 from tests.test_model import logits
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 
 
 def test_launch_train_nf4_end_to_end(tmp_path):

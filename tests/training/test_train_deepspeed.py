@@ -19,8 +19,8 @@ import time
 import pytest
 import torch
 
-from lorafa_scale.checkpoint import complete_checkpoints
-from tests.test_train import ONE_THREAD, REPO, adapter, losses
+from lorafa_scale.training.checkpoint import complete_checkpoints
+from tests.training.test_train import ONE_THREAD, REPO, adapter, losses
 
 pytest.importorskip("deepspeed")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorafa_scale.config import ConfigError
-from lorafa_scale.train_args import parse_args
+from lorafa_scale.training.args import parse_args
 
 
 def test_recipe_supplies_options_and_command_line_wins(tmp_path):

@@ -10,7 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"

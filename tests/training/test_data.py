@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from lorafa_scale.data import (
+from lorafa_scale.training.data import (
     IGNORE_INDEX,
     BatchSchedule,
     DataError,
@@ -18,7 +18,7 @@ from lorafa_scale.data import (
     pack,
     read_records,
 )
-from lorafa_scale.embedded import build_tokenizer, sample_dataset_path
+from lorafa_scale.training.embedded import build_tokenizer, sample_dataset_path
 
 
 @pytest.fixture(scope="module")

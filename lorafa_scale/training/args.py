@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import ConfigError
-from .engines.deepspeed_config import read_ds_config
+from ..config import ConfigError
+from ..engines.deepspeed_config import read_ds_config
 
 QUANTIZATION_CHOICES = ("none", "int8", "nf4", "fp4")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")

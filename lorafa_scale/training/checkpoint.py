@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .engines.strategy import Strategy
+from ..engines.strategy import Strategy
 
 CHECKPOINTS_DIR = "checkpoints"
 STEP_DIR = re.compile(r"step-(\d+)")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lorafa_scale import LoraFAConfig, get_peft_model
-from lorafa_scale.checkpoint import (
+from lorafa_scale.engines.strategy import Strategy
+from lorafa_scale.training.checkpoint import (
     CheckpointError,
     check_resumable,
     complete_checkpoints,
@@ -21,17 +22,16 @@ from lorafa_scale.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lorafa_scale.engines.strategy import Strategy
 from tests.tiny_models import tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Resumes from the latest checkpoint, then saves checkpoints forever; before saving step N it sets every B to N and takes one optimizer step with a
 # gradient of N, so a checkpoint mixing two steps' files is detectable.
 SAVER = """
 import sys, torch
-from tests.test_checkpoint import make_strategy, fill
-from lorafa_scale.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.training.test_checkpoint import make_strategy, fill
+from lorafa_scale.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 out = sys.argv[1]
 strategy = make_strategy()
 latest = latest_checkpoint(out)
