@@ -20,7 +20,7 @@ import torch
 from common import ALPHA, R, base_model, batch, save_result
 
 import lorafa_scale
-from lorafa_scale.planner import ALL_TARGETS
+from lorafa_scale.jobs.planner import ALL_TARGETS
 
 MODELS = ("base", "ours_unmerged", "ours_merged", "peft_unmerged")
 NEW_TOKENS, PROMPT = 32, 128

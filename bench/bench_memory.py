@@ -1,6 +1,6 @@
 """Benchmark 1: bytes autograd keeps for backward in one training step, ours vs PEFT LoRA vs PEFT LoRA-FA.
 
-Counted with torch.autograd.graph.saved_tensors_hooks as unique storages (lorafa_scale.planner.
+Counted with torch.autograd.graph.saved_tensors_hooks as unique storages (lorafa_scale.jobs.planner.
 measure_kept_bytes), without the model's parameters; the frozen weights that autograd also references are
 reported apart, so the figures compare with the field notes' (which include them). No recomputation:
 no activation checkpointing anywhere. The planner's prediction for each is printed beside it.
@@ -26,7 +26,7 @@ from common import (
     save_result,
 )
 
-from lorafa_scale.planner import ALL_TARGETS, Job, kept_for_backward, measure_kept
+from lorafa_scale.jobs.planner import ALL_TARGETS, Job, kept_for_backward, measure_kept
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

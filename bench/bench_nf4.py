@@ -21,7 +21,7 @@ from common import ALPHA, DROPOUT, LR, R, base_model, batch, save_result, train_
 from transformers import AutoModelForCausalLM
 
 from lorafa_scale import LoraConfig
-from lorafa_scale.planner import ALL_TARGETS, measure_kept
+from lorafa_scale.jobs.planner import ALL_TARGETS, measure_kept
 from lorafa_scale.quantization import bnb_config, load_model
 
 MiB = 2**20

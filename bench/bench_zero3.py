@@ -30,7 +30,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from lorafa_scale import LoraFAConfig
 from lorafa_scale.engines import deepspeed as deepspeed_engine
 from lorafa_scale.engines.deepspeed_config import resolve_ds_config
-from lorafa_scale.planner import ALL_TARGETS
+from lorafa_scale.jobs.planner import ALL_TARGETS
 
 DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json"
 VARIANTS = ("ours", "peft_lora")

@@ -18,8 +18,8 @@ from peft.optimizers import create_lorafa_optimizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa_scale
-from lorafa_scale.planner import ALL_TARGETS
-from lorafa_scale.presets import ModelGeometry
+from lorafa_scale.jobs.planner import ALL_TARGETS
+from lorafa_scale.jobs.presets import ModelGeometry
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("ours", "peft_lora", "peft_lorafa")

@@ -22,8 +22,8 @@ from common import ALPHA, DROPOUT, LABELS, LR, R, save_result
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 import lorafa_scale
-from lorafa_scale.planner import ALL_TARGETS, Job, activation_bytes_per_token, measure_kept
-from lorafa_scale.presets import GEOMETRIES, ModelGeometry
+from lorafa_scale.jobs.planner import ALL_TARGETS, Job, activation_bytes_per_token, measure_kept
+from lorafa_scale.jobs.presets import GEOMETRIES, ModelGeometry
 
 VARIANTS = ("ours", "peft_lora")
 TIME_BUDGET_S = 240

@@ -16,7 +16,7 @@ import peft
 import torch
 
 from lorafa_scale import LoraConfig
-from lorafa_scale.planner import measure_kept_bytes
+from lorafa_scale.jobs.planner import measure_kept_bytes
 from lorafa_scale.quantization import load_model
 from tests.tiny_models import save_tiny_llama
 

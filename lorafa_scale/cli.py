@@ -8,8 +8,8 @@ import sys
 # subcommand -> (module, function taking argv, one-line help)
 SUBCOMMANDS = {
     "train": ("lorafa_scale.training.loop", "main", "train LoRA-FA adapters (no options: a 1-minute built-in CPU job)"),
-    "launch": ("lorafa_scale.launcher", "main", "write the Slurm job for a multi-node run of a preset"),
-    "plan": ("lorafa_scale.planner", "main", "per-GPU memory of a fine-tuning job, before renting GPUs"),
+    "launch": ("lorafa_scale.jobs.launcher", "main", "write the Slurm job for a multi-node run of a preset"),
+    "plan": ("lorafa_scale.jobs.planner", "main", "per-GPU memory of a fine-tuning job, before renting GPUs"),
     "merge": ("lorafa_scale.merge", "main", "base + adapter as a full-precision model, one tensor in RAM at a time"),
 }
 

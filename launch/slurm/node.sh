@@ -23,7 +23,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 if command -v scontrol >/dev/null 2>&1; then
   hostnames=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
 else
-  hostnames=$(python "$root/lorafa_scale/hostlist.py" "$SLURM_JOB_NODELIST")
+  hostnames=$(python "$root/lorafa_scale/jobs/hostlist.py" "$SLURM_JOB_NODELIST")
 fi
 mapfile -t hosts <<<"$hostnames"
 nnodes=${#hosts[@]}

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from lorafa_scale.presets import GEOMETRIES
+from lorafa_scale.jobs.presets import GEOMETRIES
 from tests.engines.test_deepspeed import torchrun
 from tests.workers import deepspeed_slice as worker
 

@@ -1,6 +1,6 @@
 """2-rank ZeRO-3 worker for tests/engines/test_deepspeed_slices.py: one-layer slices of real model geometries.
 
-For each named geometry (lorafa_scale.presets.GEOMETRIES) a model with ONE decoder layer, its full-size
+For each named geometry (lorafa_scale.jobs.presets.GEOMETRIES) a model with ONE decoder layer, its full-size
 embeddings and head, in bf16, is built under zero.Init with LoRA-FA on every linear layer (r=16), wrapped in
 an engine and trained one step. Each rank fills its own partitions with random values: transformers' ZeRO-3
 init (gather each module, draw on rank 0, scatter) does the same through gloo and takes minutes on 2 cores.
@@ -32,7 +32,7 @@ from lorafa_scale.engines.deepspeed import (
     zero3_init_context,
 )
 from lorafa_scale.engines.deepspeed_config import resolve_ds_config
-from lorafa_scale.presets import GEOMETRIES
+from lorafa_scale.jobs.presets import GEOMETRIES
 
 R, TOKENS = 16, 8
 DS_CONFIG = {

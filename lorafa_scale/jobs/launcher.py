@@ -21,12 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import ConfigError
-from .engines.deepspeed_config import read_ds_config, zero_stage
+from ..config import ConfigError
+from ..engines.deepspeed_config import read_ds_config, zero_stage
 from .hostlist import expand_nodelist
 from .presets import GEOMETRIES, Preset, get_preset, preset_for
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO_ROOT / "launch" / "slurm"
 TEMPLATES = {"deepspeed": "deepspeed.sbatch", "fsdp": "fsdp.sbatch"}
 # A value on an #SBATCH line is taken literally (Slurm expands no shell variables there).
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "[-- launch/train.py options]", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     add = p.add_argument
-    add("--preset", help=f"a model of lorafa_scale/presets.py ({', '.join(GEOMETRIES)}), or a local model folder "
+    add("--preset", help=f"a model of lorafa_scale/jobs/presets.py ({', '.join(GEOMETRIES)}), or a local model folder "
         "(or its config.json) of a Llama-layout model, whose size picks the defaults")
     add("--model", help="Hugging Face id or local folder to train (default: the preset's Hugging Face id, or the "
         "folder given as --preset)")
@@ -255,7 +255,7 @@ def _launch(args, extra: list[str], argv: list[str]) -> int:
           f"{args.gpus_per_node} GPUs = {world} processes")
     print(f"gradient accumulation = global {args.global_batch} / (micro {preset.micro_batch} x {args.nodes} nodes "
           f"x {args.gpus_per_node} GPUs) = {accum}; {args.global_batch * preset.seq_len} tokens per step at most")
-    print(f"\n# memory per GPU (lorafa_scale/planner.py)\n{_memory_plan(preset, args, ds_config)}")
+    print(f"\n# memory per GPU (lorafa_scale/jobs/planner.py)\n{_memory_plan(preset, args, ds_config)}")
     print(f"\n# {job_file}\n{script}\n# what each node runs\n{nodes_text}")
     if args.dry_run:
         print("dry run: nothing written")

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from lorafa_scale import ConfigError
-from lorafa_scale.hostlist import expand_nodelist
-from lorafa_scale.launcher import REPO_ROOT, gradient_accumulation, main, parse_sbatch_options
+from lorafa_scale.jobs.hostlist import expand_nodelist
+from lorafa_scale.jobs.launcher import REPO_ROOT, gradient_accumulation, main, parse_sbatch_options
 from tests.tiny_models import tiny_llama_config
 
 TRAIN = str(REPO_ROOT / "launch" / "train.py")

@@ -6,8 +6,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from lorafa_scale import ConfigError
-from lorafa_scale.planner import ALL_TARGETS, GiB, Job, plan
-from lorafa_scale.presets import GEOMETRIES, get_preset, nominal_billions, size_defaults
+from lorafa_scale.jobs.planner import ALL_TARGETS, GiB, Job, plan
+from lorafa_scale.jobs.presets import GEOMETRIES, get_preset, nominal_billions, size_defaults
 
 
 @pytest.mark.parametrize("name", list(GEOMETRIES))

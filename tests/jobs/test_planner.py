@@ -10,7 +10,7 @@ import torch
 
 from lorafa_scale import LoraConfig, get_peft_model
 from lorafa_scale.config import ConfigError
-from lorafa_scale.planner import (
+from lorafa_scale.jobs.planner import (
     ALL_TARGETS,
     GiB,
     Job,
@@ -21,7 +21,7 @@ from lorafa_scale.planner import (
     plan,
     seed_table,
 )
-from lorafa_scale.presets import GEOMETRIES, ModelGeometry
+from lorafa_scale.jobs.presets import GEOMETRIES, ModelGeometry
 from tests.tiny_models import tiny_llama
 
 # (hidden, intermediate, layers, heads, kv heads, vocab): GQA, MHA, one layer with a single KV head

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
-from .config import ConfigError, LoraFAConfig
+from ..config import ConfigError, LoraFAConfig
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class SizeDefaults:
 # takes the 7B-13B row, whose name it shares with 1B-7B. Rank/alpha/fast rank: the seed's table. Below 7B the
 # bf16 base (< 14 GB) fits on every GPU, so ZeRO-2 keeps it whole and skips ZeRO-3's per-layer all-gathers.
 # Micro batch and checkpointing: every preset fits in 80 GiB per GPU at seq 4096 by planner.py, with room to
-# spare (tests/test_presets.py checks it); checkpointing cuts 7B+ activations several-fold.
+# spare (tests/jobs/test_presets.py checks it); checkpointing cuts 7B+ activations several-fold.
 ZERO2, ZERO3 = "ds_configs/zero2.json", "ds_configs/zero3.json"
 SIZE_TABLE: list[tuple[float, SizeDefaults]] = [
     (0, SizeDefaults(16, 32, 4, micro_batch=8, gradient_checkpointing=False, deepspeed_config=ZERO2)),

@@ -1,7 +1,7 @@
 """launch/slurm: the scripts lint clean, and under a stand-in Slurm environment they produce the hostfile,
 per-node commands and requeue decisions a real cluster needs.
 
-srun and scontrol are the stand-ins in tests/slurm_stubs (there is no Slurm here); everything else is the
+srun and scontrol are the stand-ins in tests/jobs/slurm_stubs (there is no Slurm here); everything else is the
 real scripts run by bash.
 """
 
@@ -9,14 +9,15 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from lorafa_scale.launcher import parse_sbatch_options
+from lorafa_scale.jobs.launcher import parse_sbatch_options
 from lorafa_scale.training.loop import EXIT_PREEMPTED
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "launch" / "slurm"
 STUBS = Path(__file__).resolve().parent / "slurm_stubs"
 TRAIN = str(ROOT / "launch" / "train.py")

@@ -16,7 +16,7 @@ matrix), per token (h hidden, f intermediate, kv = kv heads x head_dim, d the dt
 
 The first layer's first norm and its q/k/v dropout masks keep nothing (their input needs no gradient).
 The model adds the final norm's input, rotary cos/sin, the float32 log-softmax of the logits and the labels.
-tests/test_planner.py checks this against saved_tensors_hooks on real training steps.
+tests/jobs/test_planner.py checks this against saved_tensors_hooks on real training steps.
 
 Everything else is an estimate stated in its line: frozen base weights keep nothing of their input; trained
 adapter parameters are float32 with AdamW (4 bytes weight + 4 gradient + 8 optimizer state); A is float32.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 from .presets import GEOMETRIES, ModelGeometry
 
 GiB = 2**30
@@ -129,7 +129,7 @@ class Plan:
 
 # -- model geometry -------------------------------------------------------------------------------------------
 def load_geometry(model: str) -> ModelGeometry:
-    """A preset name (lorafa_scale.presets.GEOMETRIES), or a Hugging Face config.json (the file or its folder)."""
+    """A preset name (lorafa_scale.jobs.presets.GEOMETRIES), or a Hugging Face config.json (the file or its folder)."""
     if model in GEOMETRIES:
         return GEOMETRIES[model]
     path = Path(model)

@@ -1,5 +1,5 @@
 """A real two-"node" job on this machine: launch/slurm/fsdp.sbatch runs with the stand-in srun
-(tests/slurm_stubs), which starts node.sh twice, i.e. two torchrun launches with --nnodes 2 and node ranks
+(tests/jobs/slurm_stubs), which starts node.sh twice, i.e. two torchrun launches with --nnodes 2 and node ranks
 0 and 1 rendezvousing on localhost (gloo, CPU), training the embedded default model. The time-limit warning
 (SIGUSR1 to the batch script, as `#SBATCH --signal=B:USR1@...` sends it) makes the trainer checkpoint and
 the job requeue itself; the requeued attempt resumes, and the adapter equals one uninterrupted process.
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafa_scale.training.loop import EXIT_PREEMPTED
-from tests.test_slurm import ROOT, SLURM, TRAIN, slurm_env
+from tests.jobs.test_slurm import ROOT, SLURM, TRAIN, slurm_env
 
 # lora_dropout 0: dropout masks are drawn per rank, so they differ between 1 and 2 processes.
 # --r: torchrun must not take it for an abbreviation of its own options.
