@@ -24,6 +24,7 @@ by exactly -lr G A^T A, the full fine-tuning step projected onto A's r direction
 
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import nullcontext
 from contextvars import ContextVar
@@ -101,12 +102,23 @@ class LoraFAFunction(torch.autograd.Function):
         return grad_x, None, grad_B, None, None, None, None
 
 
-def orthonormal_rows_(weight: torch.Tensor) -> torch.Tensor:
+def orthonormal_rows_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill an (r x in) weight with orthonormal rows (orthonormal columns if r > in)."""
     with torch.no_grad():
-        q = torch.linalg.qr(torch.randn(max(weight.shape), min(weight.shape), dtype=torch.float64)).Q
+        gaussian = torch.randn(max(weight.shape), min(weight.shape), dtype=torch.float64, generator=generator)
+        q = torch.linalg.qr(gaussian).Q
         weight.copy_(q.T if weight.shape[0] <= weight.shape[1] else q)
     return weight
+
+
+def adapter_seed(seed: int, name: str) -> int:
+    """The seed of the adapter at module path `name`: a stable hash of (seed, name).
+
+    Each layer draws its A from its own generator, so A depends on the seed and the layer's name only:
+    not on creation order, rank count, engine or loading path.
+    """
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64, as manual_seed takes
 
 
 # The context LoraFALinear creates lora_A / lora_B in. A sharding engine may set it: DeepSpeed's zero.Init
@@ -128,6 +140,7 @@ class LoraFALinear(nn.Module):
         use_fast_adapter: bool = True,
         correct_b_grad: bool = True,
         init_lora_weights: bool | str = True,
+        init_seed: int | None = None,
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -140,6 +153,8 @@ class LoraFALinear(nn.Module):
         self.correct_b_grad = correct_b_grad
         self.merged = False
         self.disabled = False
+        # A is drawn from this seed (model.py passes adapter_seed(torch.initial_seed(), module name)).
+        self.init_seed = torch.initial_seed() if init_seed is None else init_seed
         device = backend.weight_device(base_layer)
         with ADAPTER_CREATION_CONTEXT.get()():
             self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
@@ -153,17 +168,24 @@ class LoraFALinear(nn.Module):
             self.reset_lora_parameters(init_lora_weights)
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init: bool | str = True) -> None:
-        """A: orthonormal rows (default), PEFT's kaiming-uniform, or gaussian; B: zeros (random if init is False)."""
+    def reset_lora_parameters(self, init: bool | str = True, seed: int | None = None) -> None:
+        """A: orthonormal rows (default), PEFT's kaiming-uniform, or gaussian; B: zeros (random if init is False).
+
+        Drawn from a generator seeded with `seed` (default: the layer's init_seed), never the global one.
+        """
+        if seed is not None:
+            self.init_seed = seed
+        generator = torch.Generator().manual_seed(self.init_seed)
         a, b = self.lora_A.weight, self.lora_B.weight
         if init in (True, "orthonormal"):
-            orthonormal_rows_(a)
+            orthonormal_rows_(a, generator)
         elif init == "gaussian":
-            nn.init.normal_(a, std=1 / self.r)
-        else:  # "kaiming" and False, as in PEFT
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            a.copy_(torch.randn(a.shape, generator=generator) / self.r)
+        else:  # "kaiming" and False, as in PEFT: kaiming_uniform_(a=sqrt(5)) is U(-1/sqrt(in), 1/sqrt(in))
+            bound = 1 / math.sqrt(self.in_features)
+            a.copy_(torch.rand(a.shape, generator=generator) * (2 * bound) - bound)
         if init is False:
-            nn.init.normal_(b, std=1 / math.sqrt(self.r))
+            b.copy_(torch.randn(b.shape, generator=generator) / math.sqrt(self.r))
         else:
             nn.init.zeros_(b)
         self.refresh_b_grad_correction()

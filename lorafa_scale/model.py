@@ -20,7 +20,7 @@ from . import peft_format
 from .backends import find_backend
 from .backends.bnb import stored_numel
 from .config import ConfigError, LoraFAConfig
-from .layer import LoraFALinear
+from .layer import LoraFALinear, adapter_seed
 
 # Used when target_modules is None, as PEFT does for these model types.
 DEFAULT_TARGETS = {
@@ -114,6 +114,7 @@ class LoraFATuner(nn.Module):
             layer = LoraFALinear(
                 module, backend, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
                 cfg.use_fast_adapter, cfg.correct_b_grad, cfg.init_lora_weights,
+                init_seed=adapter_seed(torch.initial_seed(), name),  # the same A on every engine and rank
             )
             self.model.set_submodule(name, layer)
             wrapped.append(name)

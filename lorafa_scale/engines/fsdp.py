@@ -41,6 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..config import ConfigError, LoraFAConfig
 from ..hf_checkpoint import safetensors_files
+from ..layer import LoraFALinear, adapter_seed
 from ..model import LoraFAModel, get_peft_model
 from .strategy import Strategy
 
@@ -83,18 +84,17 @@ def init_adapters(model: LoraFAModel, seed: int, device: torch.device | str = "c
     """(Re)create every adapter from `seed`: the same A on every rank, B = 0, the correction from the full A.
 
     Adapters injected into a meta-device model are uninitialised; they are materialized on `device` first.
-    Call before sharding. The global RNG state is left as it was.
+    Call before sharding. Each A is drawn from (seed, its module name), as get_peft_model draws it after
+    torch.manual_seed(seed): a single-process model built that way has the same A.
     """
-    layers = model.lora_layers()
-    for layer in layers:
+    for name, layer in model.base_model.model.named_modules():
+        if not isinstance(layer, LoraFALinear):
+            continue
         if layer.lora_A.weight.is_meta:
             layer.lora_A.to_empty(device=device)
             layer.lora_B.to_empty(device=device)
             layer.b_grad_correction = torch.zeros(layer.r, layer.r, device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for layer in layers:
-            layer.reset_lora_parameters(model.config_lorafa.init_lora_weights)
+        layer.reset_lora_parameters(model.config_lorafa.init_lora_weights, seed=adapter_seed(seed, name))
 
 
 def shard_model(

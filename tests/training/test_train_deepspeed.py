@@ -1,10 +1,8 @@
 """The built-in job under the deepspeed launcher on ZeRO-3 (DS_ACCELERATOR=cpu, gloo).
 
 The reference is the README's command, one process with gradient accumulation 2. Against it: 2 processes
-stopped by SIGTERM (sent to the whole process group, as Slurm does) and resumed with --resume auto. All runs
-draw A the same way (rank 0 draws it under zero.Init); a plain single-process run draws it in another
-order, so it is not the reference here (tests/engines/test_deepspeed.py compares against one with a shared
-initial adapter).
+stopped by SIGTERM (sent to the whole process group, as Slurm does) and resumed with --resume auto.
+(tests/training/test_same_seed.py compares the engines against a plain single-process run.)
 """
 
 from __future__ import annotations
