@@ -329,11 +329,20 @@ class LoraFAModel(nn.Module):
                 layer.merge()
 
 
-def get_peft_model(model: nn.Module, config: LoraFAConfig, **_ignored) -> LoraFAModel:
-    """Wrap `model` with LoRA-FA adapters (PEFT's name for `get_lorafa_model`)."""
+def get_peft_model(model: nn.Module, config: LoraFAConfig, *, lean: bool = False, **_ignored) -> LoraFAModel:
+    """Wrap `model` with LoRA-FA adapters (PEFT's name for `get_lorafa_model`).
+
+    lean=True also patches a Llama / Mistral / Qwen2 / Qwen3 model so the frozen backbone keeps far less for
+    backward (lorafa_scale.lean: chunked output head + loss, SwiGLU and RMSNorm keeping only their inputs);
+    in training mode a call with labels then returns the loss and logits=None."""
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return LoraFAModel(model, config)
+    wrapper = LoraFAModel(model, config)
+    if lean:
+        from . import lean as lean_mode
+
+        lean_mode.apply(wrapper)
+    return wrapper
 
 
 get_lorafa_model = get_peft_model
