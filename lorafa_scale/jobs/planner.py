@@ -16,6 +16,9 @@ matrix), per token (h hidden, f intermediate, kv = kv heads x head_dim, d the dt
 
 The first layer's first norm and its q/k/v dropout masks keep nothing (their input needs no gradient).
 The model adds the final norm's input, rotary cos/sin, the float32 log-softmax of the logits and the labels.
+Lean mode (`lean=True`, lorafa_scale.lean): each RMSNorm keeps its input in its own dtype (h d), the MLP
+gate and up (2f d), and the model keeps the final norm's input and the gradient of the final hidden states
+(2h d per token) instead of the log-softmax and the labels.
 tests/jobs/test_planner.py checks this against saved_tensors_hooks on real training steps.
 
 Everything else is an estimate stated in its line: frozen base weights keep nothing of their input; trained
@@ -68,6 +71,7 @@ class Job:
     device: str = "cuda"  # "cpu" only changes the dropout mask's size (CPU keeps it in the input's dtype)
     gpu_memory_gib: float = 80.0
     reserve_gib: float = 1.0  # CUDA context, NCCL buffers, allocator fragmentation: an assumption
+    lean: bool = False  # lorafa_scale.lean: chunked head + loss, SwiGLU and RMSNorm keeping only their inputs
 
     def __post_init__(self):
         choices = {"strategy": STRATEGIES, "quantization": QUANTIZATIONS, "method": ("lorafa", "lora"),
@@ -192,12 +196,13 @@ def activation_bytes_per_token(job: Job, first_layer: bool = False) -> float:
     def kept(stage: float) -> bool:  # does the input of the op at `stage` need a gradient?
         return grad_from < stage
 
-    norm = 4 * h + 4  # transformers' RMSNorm keeps its input upcast to float32, and 1/rms
+    # transformers' RMSNorm keeps its input upcast to float32, and 1/rms; lean: the input in its dtype
+    norm = h * d if job.lean else 4 * h + 4
     total = (0 if first_layer else norm) + (norm if kept(POST_NORM) else 0)
     if kept(ATTENTION):
         total += (2 * h + 2 * kv_width(g)) * d + 4 * g.num_attention_heads  # q, k, v, output, log-sum-exp
     if kept(MLP):
-        total += 3 * f * d  # gate, silu(gate), up
+        total += (2 if job.lean else 3) * f * d  # gate, silu(gate), up; lean: gate and up
     return total + sum(adapter_bytes_per_token(job, t, kept(STAGE[t]), kept(ATTENTION)) for t in job.targets)
 
 
@@ -226,9 +231,11 @@ def model_activation_bytes(job: Job) -> float:
     """Bytes kept outside the decoder layers: final norm, rotary cos/sin (per position), log-softmax, labels."""
     g = job.geometry
     per_token = (4 * g.hidden_size + 4) + 4 * g.vocab_size + 8
+    if job.lean:  # the final norm's input and the gradient of the final hidden states
+        per_token = 2 * g.hidden_size * DTYPE_BYTES[job.dtype]
     rotary_kept = g.num_hidden_layers > 1 or any(STAGE[t] < ATTENTION for t in job.targets)
     rotary = job.seq_len * 2 * g.head_dim * DTYPE_BYTES[job.dtype] if rotary_kept else 0
-    return job.tokens * per_token + rotary + 4  # + the loss itself
+    return job.tokens * per_token + rotary + (0 if job.lean else 4)  # + the loss itself
 
 
 def kept_for_backward(job: Job) -> int:
@@ -295,7 +302,12 @@ def plan(job: Job) -> Plan:
         temporary["dequantized weight"] = largest * d  # bitsandbytes dequantizes one weight per matmul
     if job.strategy.startswith("zero"):
         temporary["gradient buckets"] = 4 * min(trained, g.hidden_size**2)  # reduce_bucket_size "auto" = h^2
-    temporary["logits and loss"] = job.tokens * g.vocab_size * (d + 8)  # logits, float32 upcast and its gradient
+    if job.lean:  # one chunk of tokens at a time (lean.default_chunk_tokens): logits, float32 copy, gradient
+        from ..lean.loss import default_chunk_tokens
+
+        temporary["logits and loss"] = min(job.tokens, default_chunk_tokens(g.vocab_size)) * g.vocab_size * (2 * d + 4)
+    else:
+        temporary["logits and loss"] = job.tokens * g.vocab_size * (d + 8)  # logits, float32 upcast and its gradient
     temporary["backward workspace"] = round(job.tokens * activation_bytes_per_token(job))  # one layer's gradients
     gpu["temporary buffers"] = sum(temporary.values())
     gpu["runtime reserve"] = round(job.reserve_gib * GiB)
@@ -347,7 +359,7 @@ def format_plan(result: Plan) -> str:
         f"{job.geometry.hf_id}: {job.strategy}{quant}, {job.nodes} node(s) x {job.gpus_per_node} GPU(s), "
         f"micro batch {job.micro_batch} x {job.seq_len} tokens, {method} r={job.r} on {len(job.targets)} "
         f"layer types, dropout {job.lora_dropout}, {job.dtype}, gradient checkpointing "
-        f"{'on' if job.gradient_checkpointing else 'off'}",
+        f"{'on' if job.gradient_checkpointing else 'off'}{', lean' if job.lean else ''}",
         f"{'per GPU':<34}{'GiB':>9}",
     ]
     for name, value in result.gpu.items():
@@ -414,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="lorafa", choices=("lorafa", "lora"))
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--lean", action="store_true", help="lean mode (lorafa_scale.lean, launch/train.py's default)")
     parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES))
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     parser.add_argument("--reserve-gib", type=float, default=1.0, help="CUDA context, NCCL, fragmentation")
@@ -430,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("a model (preset or config.json) is required unless --seed-table is given")
         job = Job(load_geometry(args.model), args.strategy, args.quant, args.nodes, args.gpus_per_node,
                   args.micro_batch, args.seq_len, args.r, _targets(args.targets), args.method, args.lora_dropout,
-                  args.gradient_checkpointing, args.dtype, "cuda", args.gpu_memory_gib, args.reserve_gib)
+                  args.gradient_checkpointing, args.dtype, "cuda", args.gpu_memory_gib, args.reserve_gib, args.lean)
         result = plan(job)
     except ConfigError as error:
         print(f"lorafa-scale {error}", file=sys.stderr)  # every message starts with "plan:"
