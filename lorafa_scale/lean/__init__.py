@@ -105,8 +105,9 @@ def _hf_model(model: nn.Module) -> nn.Module:
 
 
 def is_lean(model: nn.Module) -> bool:
-    """Whether `apply` has patched this model (a LoraFAModel or the Hugging Face model inside)."""
-    return any(getattr(type(m), LEAN_MARK, False) for m in _hf_model(model).modules())
+    """Whether `apply` has patched this model (a LoraFAModel, the Hugging Face model inside, a DeepSpeed engine)."""
+    hf = _hf_model(getattr(model, "module", model))
+    return getattr(type(hf), LEAN_MARK, False) or any(getattr(type(m), LEAN_MARK, False) for m in hf.modules())
 
 
 def apply(model: nn.Module, *, loss_chunk_tokens: int | None = None) -> bool:

@@ -51,6 +51,7 @@ class TrainArgs:
     quantization: str
     dtype: str
     gradient_checkpointing: bool
+    lean: bool
     fsdp: bool
     save_every: int
     keep_last: int
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="base model dtype (auto: bfloat16 on a GPU that supports it, else float32)")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
         help="recompute activations in backward to save memory")
+    add("--lean", action=argparse.BooleanOptionalAction, default=True,
+        help="lean mode for Llama/Mistral/Qwen2/Qwen3 (lorafa_scale.lean): chunked output head + loss, SwiGLU "
+             "and RMSNorm keeping only their inputs; same loss and gradients, far less kept for backward")
     add("--save-every", type=int, default=50, help="write a resumable checkpoint every N steps (0 = only at the end)")
     add("--keep-last", type=int, default=2, help="checkpoints kept (older ones are deleted after a new one is complete)")
     add("--eval-every", type=int, default=0, help="evaluate on the validation split every N steps (0 = never)")

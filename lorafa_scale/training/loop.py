@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..config import ConfigError, LoraFAConfig
 from ..engines.strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state
+from ..lean import is_lean
 from ..model import get_peft_model
 from ..peft_format import AdapterFormatError
 from . import embedded
@@ -157,7 +158,7 @@ def build_model(args: TrainArgs, strategy: Strategy):
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
-        model = get_peft_model(base, lora_config)
+        model = get_peft_model(base, lora_config, lean=args.lean)
     return upcast_trainable_(model)
 
 
@@ -175,6 +176,9 @@ def lr_lambda(warmup_steps: int, total_steps: int):
 
 def token_loss_sum(module, batch: dict, device) -> torch.Tensor:
     """Summed next-token cross-entropy over the trained tokens of a micro-batch (fp32)."""
+    if is_lean(module):  # the model's own lean head + loss: a sum with num_items_in_batch=1, no logits
+        return module(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      labels=batch["labels"].to(device), num_items_in_batch=1).loss
     logits = module(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     labels = batch["labels"][:, 1:].to(device)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
