@@ -8,6 +8,7 @@
 #   MASTER_PORT          rendezvous port on the head node (default 29500)
 #   LORAFA_MAX_REQUEUES  stop requeueing after this many restarts (default 20)
 #   LORAFA_DRY_RUN=1     print each node's hostfile and command (node.sh) instead of starting srun
+#   LORAFA_OUTPUT_DIR    the trainer's output dir when no --output-dir is given (default runs/lorafa-slurm-<job id>)
 #   NCCL_DEBUG           WARN; INFO prints the network NCCL chose, for a job that hangs at start-up
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING  1: a failed or timed-out collective aborts its NCCL communicators and
 #                        ends the process, so the job fails instead of hanging (torch's default 3 skips the abort)
@@ -30,6 +31,9 @@ if [[ ! $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 restarts=${SLURM_RESTART_COUNT:-0}
+# Without --output-dir the trainer starts a new folder every run; a job (all its nodes, every requeued
+# attempt) keeps one, so that the requeue's --resume auto finds it. An --output-dir option wins.
+export LORAFA_OUTPUT_DIR=${LORAFA_OUTPUT_DIR:-runs/lorafa-slurm-$SLURM_JOB_ID}
 
 train_args=("$@")
 if ((restarts > 0)); then
@@ -41,7 +45,7 @@ if ((restarts > 0)); then
   train_args=("${kept[@]}" --resume auto)
 fi
 echo "job $SLURM_JOB_ID restart $restarts: $SLURM_NNODES nodes ($SLURM_JOB_NODELIST) x $GPUS_PER_NODE processes"
-env | grep -E '^(NCCL|TORCH_NCCL)_' | sort || true
+env | grep -E '^(NCCL_|TORCH_NCCL_|LORAFA_OUTPUT_DIR=)' | sort || true
 
 if [[ ${LORAFA_DRY_RUN:-0} == 1 ]]; then
   for ((node = 0; node < SLURM_NNODES; node++)); do

@@ -18,6 +18,7 @@ import yaml
 
 from ..config import ConfigError
 from ..engines.deepspeed_config import read_ds_config
+from .rundir import ENV_OUTPUT_DIR
 
 QUANTIZATION_CHOICES = ("none", "int8", "nf4", "fp4")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -31,7 +32,7 @@ class TrainArgs:
     config: str | None
     model: str | None
     dataset: str | None
-    output_dir: str
+    output_dir: str | None  # None: a new folder per run (rundir.py), chosen when the job starts
     overwrite: bool
     max_steps: int | None
     epochs: int
@@ -69,28 +70,32 @@ class TrainArgs:
 
     @property
     def embedded(self) -> bool:
-        """True when the job trains the built-in model on the shipped sample dataset."""
+        """True when the job trains the built-in model (on the shipped sample unless --dataset is given)."""
         return self.model is None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "lorafa-scale train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="lorafa-scale train",
-        description="Train LoRA-FA adapters (A frozen, B trained). With no --model and no --dataset, trains "
-        "a small built-in Llama-style model on a sample dataset shipped in the package (no download).",
+        prog=prog,
+        description="Train LoRA-FA adapters (A frozen, B trained). Without --model: a small built-in "
+        "Llama-style model with a byte-level tokenizer (trains on any --dataset); without --dataset: a sample "
+        "dataset shipped in the package. Nothing is downloaded.",
         allow_abbrev=False,
     )
     add = p.add_argument
     add("--recipe", help="YAML file of option: value pairs (names as below, without '--'); the command line wins")
     add("--config", help="DeepSpeed JSON config (ds_configs/*.json); its \"auto\" values are filled in from these options")
     add("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="shard with FSDP2 (under torchrun)")
-    add("--model", help="Hugging Face model name or local directory (default: the built-in model)")
+    add("--model", help="Hugging Face model name or local directory (default: the built-in model, written to "
+        "<output-dir>/base_model)")
     add("--dataset", help="JSONL file (text, alpaca or chat records), directory of JSONL files, or a directory "
-        "saved by datasets' save_to_disk (default: the built-in sample with the built-in model)")
-    add("--output-dir", default="runs/lorafa", help="where adapter/, checkpoints/, metrics.jsonl and loss.png go")
+        "saved by datasets' save_to_disk (default: the built-in sample)")
+    add("--output-dir", help="where adapter/, checkpoints/, metrics.jsonl and loss.png go (default: "
+        f"${ENV_OUTPUT_DIR} if set, else a new folder runs/lorafa-YYYYmmdd-HHMMSS for every run, named in the "
+        "start-up line); a folder that holds another run is refused unless --resume or --overwrite is given")
     add("--overwrite", action="store_true", help="start afresh in an output dir that holds another run (deletes it)")
     add("--max-steps", type=int, help="optimizer steps to run (default: --epochs over the dataset)")
     add("--epochs", type=int, default=1, help="passes over the training split when --max-steps is not given")
@@ -189,10 +194,9 @@ def _check(args: TrainArgs, world_size: int) -> None:
         raise ConfigError(f"--resume: {args.resume} is neither auto, never nor a checkpoint directory")
     if args.dataset is not None and not Path(args.dataset).exists():
         raise ConfigError(f"--dataset: {args.dataset} not found")
-    if args.model is None and args.dataset is not None:
-        raise ConfigError("--dataset needs --model (the built-in model trains only on the built-in sample)")
-    if args.model is None and args.quantization != "none":
-        raise ConfigError("--quantization needs --model (the built-in model is not quantized)")
+    if args.output_dir is None and args.resume == "auto":
+        raise ConfigError("--resume auto continues the run in --output-dir: pass --output-dir DIR (without it, "
+                          "every run starts in a new folder)")
     if args.config is not None and args.fsdp:
         raise ConfigError("--config (DeepSpeed) and --fsdp choose two different engines; pass one")
     if args.config is not None:
@@ -205,9 +209,10 @@ def _check(args: TrainArgs, world_size: int) -> None:
         )
 
 
-def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> TrainArgs:
+def parse_args(argv: list[str] | None = None, world_size: int | None = None,
+               prog: str = "lorafa-scale train") -> TrainArgs:
     """Parse and check the options; world_size defaults to $WORLD_SIZE (set by every launcher)."""
-    parser = build_parser()
+    parser = build_parser(prog)
     argv = list(argv or [])
     recipe = _find_recipe(argv)
     if recipe is not None:
@@ -221,6 +226,8 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"unknown option {unknown[0]}{hint} (see --help)")
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if namespace.output_dir is None and os.environ.get(ENV_OUTPUT_DIR):
+        namespace.output_dir = os.environ[ENV_OUTPUT_DIR]
     if namespace.global_batch_size is None:
         namespace.global_batch_size = namespace.micro_batch_size * world_size
     args = TrainArgs(**vars(namespace))

@@ -13,6 +13,7 @@ on --micro-batch-size, and a resumed run repeats an uninterrupted one exactly (s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -20,6 +21,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,11 +30,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import ConfigError, LoraFAConfig
-from ..engines.strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state
+from ..engines.strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state, strategy_name
 from ..lean import is_lean
 from ..model import get_peft_model
 from ..peft_format import AdapterFormatError
-from . import embedded
+from . import embedded, rundir
 from .args import TrainArgs, parse_args
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -248,6 +250,33 @@ def _share_cpu_threads(embedded_job: bool) -> None:
     torch.set_num_threads(1 if embedded_job else max(1, (os.cpu_count() or 1) // local_processes))
 
 
+def _not_accelerator_choice(record) -> bool:
+    return "Setting accelerator to" not in record.getMessage()
+
+
+def _not_cpu_kernel_hint(record) -> bool:
+    return "gemm_4bit_forward" not in record.getMessage()
+
+
+def _quiet_third_party(args: TrainArgs) -> None:
+    """Keep library noise that says nothing about this run out of its output (warnings that matter stay).
+
+    - torch renamed some collectives; DeepSpeed still calls the old names, whose FutureWarning landed inside
+      the progress bar of sharded runs. Only those renames are silenced.
+    - transformers' save_pretrained imports DeepSpeed through accelerate whenever it is installed, and
+      DeepSpeed then logs which accelerator it picked ("Setting accelerator to CPU ... unable to detect
+      it"). That matters only to runs on the DeepSpeed engine, which keep it.
+    - PEFT imports bitsandbytes, which on some CPUs suggests installing `kernels` for its 4-bit inference
+      kernel: news only to a run with a quantized base, which keeps it.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.(reduce_scatter_tensor|"
+                            r"_reduce_scatter_base|all_gather_into_tensor|_all_gather_base)` is")
+    if strategy_name(args) != "deepspeed":
+        logging.getLogger("DeepSpeed").addFilter(_not_accelerator_choice)
+    if args.quantization == "none":
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_cpu_kernel_hint)
+
+
 def _quiet_unless_main() -> None:
     """Ranks other than 0 print only errors: no transformers progress bars or warnings from each of them."""
     if int(os.environ.get("RANK", 0)) != 0:
@@ -262,8 +291,11 @@ def train(args: TrainArgs) -> int:
     """Run the job; return the process exit code (0, EXIT_PREEMPTED or EXIT_DIVERGED)."""
     embedded_job = args.embedded
     _share_cpu_threads(embedded_job)
+    _quiet_third_party(args)
     _quiet_unless_main()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.output_dir is None:  # a new folder for this run; every rank of the launch finds the same one
+        args.output_dir = str(rundir.new_run_dir(world_size))
     if embedded_job:
         args.model = str(Path(args.output_dir) / EMBEDDED_BASE_DIR)
     checkpoint = resume_point(args, world_size)
@@ -311,7 +343,7 @@ def train(args: TrainArgs) -> int:
 
     trainable, total = model.get_nb_trainable_parameters()
     if main:
-        print(f"lorafa-scale: {args.model} | {total / 1e6:.2f}M params, {trainable:,} trainable "
+        print(f"lorafa-scale: run in {output} | {args.model} | {total / 1e6:.2f}M params, {trainable:,} trainable "
               f"({100 * trainable / total:.3f}%) | {strategy.name}, {strategy.world_size} process(es) | "
               f"micro {args.micro_batch_size} x accum {args.grad_accum} x {strategy.world_size} = global "
               f"{args.global_batch_size} | {data.summary(args.seq_len)} | steps {state['step']}->{total_steps}"
@@ -368,7 +400,8 @@ def train(args: TrainArgs) -> int:
                 path = checkpoint_now()
                 if main:
                     print(f"lorafa-scale: stop signal received; checkpoint at step {step} saved to {path}; "
-                          f"exiting with code {EXIT_PREEMPTED} (continue with --resume auto)", file=sys.stderr)
+                          f"exiting with code {EXIT_PREEMPTED} (continue with --resume auto --output-dir {output})",
+                          file=sys.stderr)
                 exit_code = EXIT_PREEMPTED
                 break
             if args.save_every and step % args.save_every == 0:
@@ -390,10 +423,25 @@ def train(args: TrainArgs) -> int:
     return exit_code
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse options, run, turn bad input into a one-line error (exit code 2)."""
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Entry point: parse options, run, turn bad input into a one-line error (exit code 2).
+
+    Errors name the command the user typed: `lorafa-scale train` (argv given, as the CLI does) or the
+    script itself (`launch/train.py`, when started as `python launch/train.py` or by a launcher)."""
+    if prog is None:
+        prog = sys.argv[0] if argv is None else "lorafa-scale train"
+    args = None
     try:
-        return train(parse_args(sys.argv[1:] if argv is None else argv))
+        args = parse_args(sys.argv[1:] if argv is None else argv, prog=prog)
+        new_dir = args.output_dir is None
+        try:
+            return train(args)
+        except USER_ERRORS:
+            # a refused run leaves no empty new folder behind (one process: no other rank may still use it)
+            if new_dir and args.output_dir and int(os.environ.get("WORLD_SIZE", 1)) == 1 \
+                    and rundir.is_unused(Path(args.output_dir)):
+                shutil.rmtree(args.output_dir, ignore_errors=True)
+            raise
     except USER_ERRORS as err:
-        print(f"lorafa-scale train: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

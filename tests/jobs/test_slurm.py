@@ -112,6 +112,8 @@ def test_sbatch_script_renders_every_node(template, engine_args):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "NCCL_DEBUG=WARN" in out and "NCCL_SOCKET_IFNAME=ib0" in out and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in out
+    # without --output-dir, every node and every requeued attempt of the job trains in the same folder
+    assert "LORAFA_OUTPUT_DIR=runs/lorafa-slurm-77" in out
     commands = [shlex.split(line) for line in out.splitlines() if line.startswith(("torchrun", "deepspeed"))]
     assert len(commands) == 2
     for node, command in enumerate(commands):

@@ -36,7 +36,7 @@ def test_global_batch_defaults_to_one_pass_and_dtype_is_resolved():
         (["--lr", "0"], "--lr must be positive"),
         (["--resume", "no/such/checkpoint"], "--resume: no/such/checkpoint is neither"),
         (["--config", "ds_configs/zero3.json", "--fsdp"], "two different engines"),
-        (["--quantization", "nf4"], "--quantization needs --model"),
+        (["--resume", "auto"], "--resume auto continues the run in --output-dir"),
     ],
 )
 def test_bad_options_name_the_option(argv, message):
