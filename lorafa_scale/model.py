@@ -167,17 +167,63 @@ def _saved_key(name: str) -> str:
     return name.replace("modules_to_save.default.", "")
 
 
+ADAPTER_NAME = "default"  # the one adapter a LoraFAModel holds, under PEFT's default name
+
+
 class LoraFAModel(nn.Module):
-    """The PEFT-compatible wrapper: `wrapper.base_model.model` is the Hugging Face model."""
+    """The PEFT-compatible wrapper: `wrapper.base_model.model` is the Hugging Face model.
+
+    With PEFT installed, every instance is also a `peft.PeftModel` (see `_peft_compatible_class`), so the
+    libraries that test `isinstance(model, PeftModel)` (transformers' Trainer, TRL, accelerate) treat it as
+    one: they save and resume the adapter, not the whole model, and reach the backbone via get_base_model().
+    """
+
+    def __new__(cls, *args, **kwargs):
+        if cls is LoraFAModel:
+            cls = _peft_compatible_class()
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, config: LoraFAConfig):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): PeftModel's __init__ (next in the MRO) would inject PEFT's layers
         self.base_model = LoraFATuner(model, config)
-        self.peft_config = {"default": config}
+        self.peft_config = {ADAPTER_NAME: config}
+
+    # PeftModel defines these as properties; ours are plain values (one adapter, always active).
+    @property
+    def peft_config(self) -> dict[str, LoraFAConfig]:
+        return self.__dict__["_peft_config"]
+
+    @peft_config.setter
+    def peft_config(self, value: dict[str, LoraFAConfig]) -> None:
+        self.__dict__["_peft_config"] = value
+
+    @property
+    def active_adapter(self) -> str:
+        return ADAPTER_NAME
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [ADAPTER_NAME]
+
+    @property
+    def active_peft_config(self) -> LoraFAConfig:
+        return self.config_lorafa
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        return not any(layer.disabled for layer in self.lora_layers())
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        return set(self.config_lorafa.modules_to_save or []) or None
+
+    @property
+    def base_model_torch_dtype(self):
+        return getattr(self.base_model.model, "dtype", None)
 
     def __getattr__(self, name: str):
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)  # parameters, buffers, submodules
         except AttributeError:
             if name == "base_model":  # not built yet (an attribute looked up during __init__)
                 raise
@@ -232,16 +278,38 @@ class LoraFAModel(nn.Module):
 
     # -- save / load -------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, safe_serialization: bool = True,
-                        state_dict: dict[str, torch.Tensor] | None = None, **_ignored) -> None:
-        """Write the adapter in PEFT format. `state_dict` ({PEFT key: tensor}, as in PEFT) replaces the live
-        tensors: sharding engines pass the full tensors they gathered."""
+                        state_dict: dict[str, torch.Tensor] | None = None, is_main_process: bool = True,
+                        selected_adapters: list[str] | None = None, **_ignored) -> None:
+        """Write the adapter in PEFT format. `state_dict`, as in PEFT, replaces the live tensors: a model
+        state dict (in-memory names, as transformers' Trainer passes) or {PEFT key: tensor} (as the sharding
+        engines pass the full tensors they gathered); only the adapter's tensors are taken from it."""
         if not safe_serialization:
             raise ValueError("save_pretrained: lorafa-scale writes safetensors only (safe_serialization=True)")
+        if selected_adapters not in (None, [ADAPTER_NAME]):
+            raise ValueError(f"save_pretrained: this model holds one adapter, {ADAPTER_NAME!r}; got {selected_adapters}")
+        tensors = self.adapter_state_dict() if state_dict is None else self._adapter_tensors_from(state_dict)
+        if not is_main_process:
+            return
         fan_in_fan_out = any(layer.backend.fan_in_fan_out for layer in self.lora_layers())
         peft_format.save_adapter(
-            save_directory, self.adapter_state_dict() if state_dict is None else state_dict, self.config_lorafa,
-            self.base_model.resolved_target_modules(), fan_in_fan_out,
+            save_directory, tensors, self.config_lorafa, self.base_model.resolved_target_modules(), fan_in_fan_out,
         )
+
+    def _adapter_tensors_from(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{PEFT key: tensor} for every adapter tensor, read from a state dict keyed either way."""
+        tensors, missing = {}, []
+        for name in self._adapter_names():
+            key = _saved_key(name)
+            tensor = state_dict.get(key, state_dict.get(name))
+            if tensor is None:
+                missing.append(key)
+            tensors[key] = tensor
+        if missing:
+            raise ValueError(
+                f"save_pretrained: state_dict lacks {len(missing)} adapter tensors ({missing[0]}, ...); a frozen A "
+                "must be saved too (a state dict that excludes frozen parameters cannot hold it)"
+            )
+        return tensors
 
     def load_adapter_weights(self, weights: dict[str, torch.Tensor], source: str = "adapter") -> None:
         """Copy {PEFT key: tensor} into the adapter; every key must match in name and shape.
@@ -270,8 +338,12 @@ class LoraFAModel(nn.Module):
             layer.refresh_b_grad_correction()
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id, is_trainable: bool = False, **_ignored) -> LoraFAModel:
-        """Load an adapter saved here or by PEFT onto `model`; a PEFT LoRA adapter gets its A frozen."""
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = ADAPTER_NAME, is_trainable: bool = False,
+                        **_ignored) -> LoraFAModel:
+        """Load an adapter saved here or by PEFT onto `model`; a PEFT LoRA adapter gets its A frozen.
+
+        The arguments are PEFT's (model, model_id, adapter_name, is_trainable); only the name "default"."""
+        _check_adapter_name(adapter_name)
         config = peft_format.load_config(model_id)
         config.inference_mode = not is_trainable
         wrapper = cls(model, config)
@@ -282,6 +354,67 @@ class LoraFAModel(nn.Module):
             wrapper.requires_grad_(False)
             wrapper.eval()
         return wrapper
+
+    def load_adapter(self, model_id, adapter_name: str = ADAPTER_NAME, is_trainable: bool = False,
+                     **_ignored) -> None:
+        """Replace this model's adapter (A and B) by the one saved in `model_id`, as PEFT's load_adapter does
+        for the adapter named "default" (transformers' Trainer resumes a checkpoint this way). The saved
+        adapter must have this one's layers, shapes and scaling. is_trainable=False freezes it."""
+        _check_adapter_name(adapter_name)
+        config = peft_format.load_config(model_id)
+        if abs(config.scaling - self.config_lorafa.scaling) > 1e-12 * self.config_lorafa.scaling:
+            raise peft_format.AdapterFormatError(
+                f"{model_id}: scaling {config.scaling:g} (lora_alpha={config.lora_alpha}, r={config.r}, "
+                f"use_rslora={config.use_rslora}) differs from this model's {self.config_lorafa.scaling:g}"
+            )
+        self.load_adapter_weights(peft_format.load_weights(model_id), str(Path(model_id) / peft_format.WEIGHTS_NAME))
+        self.set_requires_grad(ADAPTER_NAME, is_trainable)
+
+    def set_requires_grad(self, adapter_names=ADAPTER_NAME, requires_grad: bool = True) -> None:
+        """Make the adapter trainable (B, biases and modules_to_save as configured; A only with
+        use_fast_adapter=False) or freeze all of it."""
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            _check_adapter_name(name)
+        params = dict(self.named_parameters())
+        frozen_a = self.config_lorafa.use_fast_adapter
+        for name in self._adapter_names():
+            params[name].requires_grad_(requires_grad and not (frozen_a and ".lora_A." in name))
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """PEFT's set_adapter for the one adapter, "default" (inference_mode=True freezes it)."""
+        _check_adapter_name(adapter_name)
+        if inference_mode:
+            self.set_requires_grad(ADAPTER_NAME, False)
+
+    def add_adapter(self, adapter_name: str, *_args, **_kwargs) -> None:
+        raise NotImplementedError(
+            f"add_adapter({adapter_name!r}): a LoraFAModel holds one adapter, {ADAPTER_NAME!r}; wrap another copy "
+            "of the base model for a second one"
+        )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        raise NotImplementedError(f"delete_adapter({adapter_name!r}): use unload() to remove the adapter")
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """As PEFT: make the embeddings' output require grad, so checkpointed blocks reach the adapters."""
+        if not (getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        return model
+
+    _prepare_model_for_gradient_checkpointing = prepare_model_for_gradient_checkpointing
+
+    def create_or_update_model_card(self, output_dir) -> None:
+        """Add PEFT's model-card metadata (library_name, base_model) to output_dir/README.md, as PEFT does;
+        transformers' Trainer calls this when it writes a model card."""
+        path = Path(output_dir) / "README.md"
+        text = path.read_text() if path.is_file() else ""
+        if text.startswith("---\n"):
+            return  # the card already has metadata (Trainer's own card names the base model)
+        meta = ["---", "library_name: peft", "tags:", "- lorafa-scale", "- lora"]
+        if self.config_lorafa.base_model_name_or_path:
+            meta.insert(2, f"base_model: {self.config_lorafa.base_model_name_or_path}")
+        path.write_text("\n".join(meta + ["---", "", text]))
 
     # -- merge and disable -------------------------------------------------------------------------
     def merge_adapter(self) -> None:
@@ -327,6 +460,54 @@ class LoraFAModel(nn.Module):
                 m.disabled = False
             for layer in merged:
                 layer.merge()
+
+
+def _check_adapter_name(name: str) -> None:
+    if name != ADAPTER_NAME:
+        raise NotImplementedError(
+            f"adapter {name!r}: a LoraFAModel holds one adapter, named {ADAPTER_NAME!r} (PEFT's default name)"
+        )
+
+
+def _unsupported(name: str):
+    def method(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"LoraFAModel.{name}: a PEFT feature lorafa-scale does not implement (one LoRA-FA adapter, "
+            f"{ADAPTER_NAME!r}; save with save_pretrained)"
+        )
+
+    method.__name__ = name
+    return method
+
+
+_PEFT_COMPATIBLE: list[type] = []
+
+
+def _peft_compatible_class() -> type:
+    """The class every LoraFAModel is built as: LoraFAModel itself, or with PEFT installed a subclass of
+    both LoraFAModel and peft.PeftModel. LoraFAModel comes first in its MRO, so our injection, layers, names
+    and save/load run; PeftModel's __init__ never runs, and each PeftModel (or PushToHubMixin) member that
+    LoraFAModel does not define raises NotImplementedError rather than run PEFT code on our internals.
+    PEFT is imported here, on the first model built, not by `import lorafa_scale`."""
+    if not _PEFT_COMPATIBLE:
+        try:
+            from peft import PeftModel as PeftPeftModel
+        except ImportError:
+            _PEFT_COMPATIBLE.append(LoraFAModel)
+            return LoraFAModel
+        namespace = {"__module__": __name__, "__qualname__": "LoraFAPeftModel", "__doc__": LoraFAModel.__doc__}
+        for klass in PeftPeftModel.__mro__:
+            if klass in nn.Module.__mro__:
+                continue
+            for name, value in vars(klass).items():
+                if name.startswith("__") or name in vars(LoraFAModel) or name in namespace:
+                    continue
+                stub = _unsupported(name)
+                namespace[name] = property(stub) if isinstance(value, property) else stub
+        cls = type("LoraFAPeftModel", (LoraFAModel, PeftPeftModel), namespace)
+        globals()["LoraFAPeftModel"] = cls  # so pickle finds the class by name
+        _PEFT_COMPATIBLE.append(cls)
+    return _PEFT_COMPATIBLE[0]
 
 
 def get_peft_model(model: nn.Module, config: LoraFAConfig, *, lean: bool = False, **_ignored) -> LoraFAModel:
