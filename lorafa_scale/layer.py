@@ -167,6 +167,17 @@ class LoraFALinear(nn.Module):
         if device.type != "meta" and self.lora_A.weight.numel() > 0:
             self.reset_lora_parameters(init_lora_weights)
 
+    # As PEFT's wrapped layers: `.weight` and `.bias` answer the base layer's, so code that reads
+    # model...q_proj.weight after wrapping still works. Plain properties: the parameters stay registered
+    # once, on base_layer, which is what named_parameters(), ZeRO-3 and FSDP2 walk.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     @torch.no_grad()
     def reset_lora_parameters(self, init: bool | str = True, seed: int | None = None) -> None:
         """A: orthonormal rows (default), PEFT's kaiming-uniform, or gaussian; B: zeros (random if init is False).

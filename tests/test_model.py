@@ -207,3 +207,21 @@ def test_unload_returns_the_untouched_base_model():
     plain = model.unload()
     assert not any(isinstance(m, LoraFALinear) for m in plain.modules())
     torch.testing.assert_close(logits(plain), base_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("factory, path", [(tiny_llama, "model.layers.0.self_attn.q_proj"),
+                                           (tiny_gpt2, "transformer.h.0.attn.c_attn")])
+def test_wrapped_layers_answer_weight_and_bias_with_the_base_layers_as_peft_does(factory, path):
+    base = factory()
+    before = {name: p for name, p in base.named_parameters()}
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    layer = model.get_base_model().get_submodule(path)
+    assert isinstance(layer, LoraFALinear)
+    assert layer.weight is before[f"{path}.weight"]
+    assert layer.bias is before.get(f"{path}.bias")  # Llama's q_proj has none, GPT-2's Conv1D has one
+    # the parameters stay registered once, under base_layer, for ZeRO-3, FSDP2 and state dicts
+    names = [name for name, _ in model.named_parameters()]
+    assert len(names) == len(set(names)) and not any(n.endswith(f"{path.split('.')[-1]}.weight") for n in names)
+    assert len({id(p) for p in model.parameters()}) == len(before) + 2 * len(model.lora_layers())
+    theirs = peft.get_peft_model(factory(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert theirs.get_base_model().get_submodule(path).weight.shape == layer.weight.shape
