@@ -1,6 +1,6 @@
 """A merged full-precision model from a base checkpoint and an adapter, one tensor in memory at a time.
 
-    lorafa-scale merge out/adapter path/to/llama out/merged [--quantization nf4 --dtype bf16]
+    lorafa-scale merge out/adapter path/to/llama out/merged [--quantization nf4 --dtype bfloat16]
 
 Merging into a quantized model in memory loses most of the adapter to re-quantization (see
 quantization.merge_and_unload), and merging a full-precision model in memory needs the whole model in RAM
@@ -10,7 +10,6 @@ tensor by tensor instead, so the peak is about one tensor plus the adapter.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,9 +21,10 @@ from safetensors import safe_open
 
 from . import peft_format
 from .backends import find_backend
+from .cli_args import Parser, dtype_type
 from .config import ConfigError
 from .hf_checkpoint import safetensors_files
-from .quantization import DTYPES, QUANTIZATION_CHOICES, bnb_config, resolve_dtype
+from .quantization import QUANTIZATION_CHOICES, bnb_config, resolve_dtype
 
 
 def _roundtrip(weight: torch.Tensor, quantization_config) -> torch.Tensor:
@@ -137,15 +137,17 @@ def export_merged(adapter_dir, base_dir, out_dir, *, quantization: str = "none",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorafa-scale merge", description=__doc__.splitlines()[0])
+    parser = Parser(prog="lorafa-scale merge", description=__doc__.splitlines()[0])
     parser.add_argument("adapter", help="adapter directory (PEFT format)")
     parser.add_argument("base", help="the base model's directory (safetensors checkpoint)")
     parser.add_argument("output", help="new directory for the merged model (must not exist)")
     parser.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
                         help="merge onto the weights as the adapter saw them in training (quantized, dequantized)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                        type=dtype_type(parser.prog),
                         help="the dtype the base was loaded in for training (with --quantization)")
-    parser.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                        help="the 4-bit base was quantized without double quantization")
     args = parser.parse_args(argv)
     try:
         out = export_merged(args.adapter, args.base, args.output, quantization=args.quantization,

@@ -1,6 +1,6 @@
 """`lorafa-scale launch`: the exact multi-node Slurm job for a preset, with the batch-size arithmetic done.
 
-    lorafa-scale launch --preset llama-2-13b --nodes 2 --gpus-per-node 8 --global-batch 128 \\
+    lorafa-scale launch --preset llama-2-13b --nodes 2 --gpus-per-node 8 --global-batch-size 128 \\
         --output-dir runs/13b -- --dataset data.jsonl
 
 writes runs/13b/slurm/job.sbatch: launch/slurm/deepspeed.sbatch (or fsdp.sbatch) with its #SBATCH values
@@ -8,7 +8,8 @@ filled in and the training options set, then prints it, the gradient accumulatio
 global / (micro x nodes x GPUs per node), the memory each GPU needs (planner.py), and each node's hostfile
 and launch command, obtained by running the script itself under a stand-in Slurm environment in dry-run
 mode (so what is printed is what the nodes run). --dry-run prints the same and writes nothing.
-Options after `--` go to launch/train.py unchanged.
+Options after `--` go to launch/train.py unchanged; they are checked with the trainer's own parser first.
+Options share the trainer's names (--micro-batch-size, --global-batch-size, --config, --fsdp, ...).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..cli_args import Parser, RawDescriptionHelpFormatter, add_renamed
 from ..config import ConfigError
 from ..engines.deepspeed_config import read_ds_config, zero_stage
 from .hostlist import expand_nodelist
-from .presets import GEOMETRIES, Preset, get_preset, preset_for
+from .presets import GEOMETRIES, Preset, preset_from
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO_ROOT / "launch" / "slurm"
@@ -76,9 +78,8 @@ def render_sbatch(template: str, options: dict[str, str], preamble: list[str]) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorafa-scale launch", description=__doc__, usage="%(prog)s [options] "
-                                "[-- launch/train.py options]", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = Parser(prog="lorafa-scale launch", description=__doc__, usage="%(prog)s [options] "
+               "[-- launch/train.py options]", formatter_class=RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--preset", help=f"a model of lorafa_scale/jobs/presets.py ({', '.join(GEOMETRIES)}), or a local model folder "
         "(or its config.json) of a Llama-layout model, whose size picks the defaults")
@@ -86,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
         "folder given as --preset)")
     add("--nodes", type=int, help="nodes in the job")
     add("--gpus-per-node", type=int, default=8, help="GPUs (training processes) per node")
-    add("--global-batch", type=int, help="examples per optimizer step over all GPUs")
+    add("--global-batch-size", dest="global_batch", type=int, help="examples per optimizer step over all GPUs")
     group = p.add_argument_group("overrides of the preset")
-    group.add_argument("--micro-batch", type=int, help="examples per forward pass on each GPU")
+    group.add_argument("--micro-batch-size", dest="micro_batch", type=int,
+                       help="examples per forward pass on each GPU (default: the preset's)")
     group.add_argument("--seq-len", type=int, help="tokens per example")
     group.add_argument("--r", type=int, help="adapter rank")
     group.add_argument("--lora-alpha", type=int, help="scaling numerator (s = lora_alpha / r)")
@@ -97,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--lora-dropout", type=float, help="dropout on the adapter input")
     group.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute activations in backward")
-    group.add_argument("--strategy", choices=list(TEMPLATES), help="deepspeed (ZeRO-3) or fsdp (FSDP2 via torchrun)")
-    group.add_argument("--deepspeed-config", help="DeepSpeed JSON config (default: the preset's, in ds_configs/)")
+    group.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                       help="FSDP2 via torchrun (fsdp.sbatch) instead of DeepSpeed (default: DeepSpeed)")
+    group.add_argument("--config", dest="deepspeed_config",
+                       help="DeepSpeed JSON config (default: the preset's, in ds_configs/)")
     slurm = p.add_argument_group("Slurm")
     slurm.add_argument("--time", default="24:00:00", help="time limit per attempt; the job requeues itself after it")
     slurm.add_argument("--partition", help="#SBATCH --partition")
@@ -114,7 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--job-dir", help="where job.sbatch is written (default: <output-dir>/slurm)")
     add("--overwrite", action="store_true", help="replace an existing job.sbatch")
     add("--dry-run", action="store_true", help="print the job and write nothing")
+    add_renamed(p, "--global-batch", "--global-batch-size", type=int)
+    add_renamed(p, "--micro-batch", "--micro-batch-size", type=int)
+    add_renamed(p, "--deepspeed-config", "--config")
+    add_renamed(p, "--strategy", "--fsdp", convert=_strategy_to_fsdp, choices=list(TEMPLATES), note="--fsdp or --no-fsdp")
     return p
+
+
+def _strategy_to_fsdp(value: str) -> bool:
+    return value == "fsdp"
 
 
 def _preset(args) -> Preset:
@@ -122,22 +134,14 @@ def _preset(args) -> Preset:
                      lora_alpha=args.lora_alpha, fast_adapter_rank=args.fast_adapter_rank,
                      target_modules=args.target_modules, lora_dropout=args.lora_dropout,
                      gradient_checkpointing=args.gradient_checkpointing,
-                     strategy=args.strategy, deepspeed_config=args.deepspeed_config)
-    if args.preset in GEOMETRIES:
-        preset = get_preset(args.preset, **overrides)
-    else:
-        from .planner import load_geometry
-
-        folder = Path(args.preset).resolve()
-        folder = folder.parent if folder.name == "config.json" else folder
-        overrides["model"] = args.model or str(folder)
-        try:
-            geometry = load_geometry(args.preset)
-        except ConfigError as err:
-            raise ConfigError(f"--preset: {str(err).removeprefix('plan: ')}") from None
-        preset = preset_for(folder.name, geometry, **overrides)
+                     strategy=None if args.fsdp is None else ("fsdp" if args.fsdp else "deepspeed"),
+                     deepspeed_config=args.deepspeed_config)
+    try:
+        preset = preset_from(args.preset, **overrides)
+    except ConfigError as err:
+        raise ConfigError(f"--preset: {str(err).removeprefix('preset: ')}") from None
     if preset.strategy not in TEMPLATES:
-        raise ConfigError(f"--strategy must be one of {tuple(TEMPLATES)} for a multi-node job, got {preset.strategy!r}")
+        raise ConfigError(f"a multi-node job runs DeepSpeed or FSDP2 (--fsdp), not {preset.strategy!r}")
     return preset
 
 
@@ -150,6 +154,20 @@ def _train_args(preset: Preset, args, extra: list[str]) -> list[str]:
              "--target-modules", *targets,
              "--gradient-checkpointing" if preset.gradient_checkpointing else "--no-gradient-checkpointing"]
     return train + extra
+
+
+def _check_train_options(preset: Preset, args, extra: list[str]) -> None:
+    """The job's trainer options, checked by the trainer's own parser now rather than on the cluster."""
+    from ..training.args import check_options
+
+    engine = ["--fsdp"] if preset.strategy == "fsdp" else ["--config", preset.deepspeed_config]
+    try:
+        check_options([*engine, *_train_args(preset, args, extra)])
+    except ConfigError as err:
+        own = [s for a in build_parser()._actions for s in a.option_strings]
+        misplaced = next((t for t in extra if t.split("=")[0] in own and t.startswith("--")), None)
+        hint = f" ({misplaced} is an option of lorafa-scale launch: put it before --)" if misplaced else ""
+        raise ConfigError(f"options after -- (for launch/train.py): {err}{hint}") from None
 
 
 def _sbatch_options(template: str, args, preset: Preset) -> dict[str, str]:
@@ -215,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _launch(args, extra: list[str], argv: list[str]) -> int:
-    for name in ("preset", "nodes", "global_batch"):
+    for name, option in (("preset", "--preset"), ("nodes", "--nodes"), ("global_batch", "--global-batch-size")):
         if getattr(args, name) is None:
-            raise ConfigError(f"--{name.replace('_', '-')} is required")
+            raise ConfigError(f"{option} is required")
     preset = _preset(args)
     accum = gradient_accumulation(args.global_batch, preset.micro_batch, args.nodes, args.gpus_per_node)
     if args.nodelist and len(node_names(args.nodelist)) != args.nodes:
@@ -230,12 +248,13 @@ def _launch(args, extra: list[str], argv: list[str]) -> int:
         # the preset's config is in the repository; one given on the command line is relative to here
         ds_config = (Path(args.deepspeed_config) if args.deepspeed_config else REPO_ROOT / preset.deepspeed_config)
         if not ds_config.is_file():
-            raise ConfigError(f"--deepspeed-config: {ds_config} not found")
+            raise ConfigError(f"--config: {ds_config} not found")
         ds_config = ds_config.resolve()
     job_file = Path(args.job_dir) / "job.sbatch"
     if job_file.exists() and not args.overwrite and not args.dry_run:
         raise ConfigError(f"{job_file} exists; pass --overwrite to replace it, or choose another --job-dir")
 
+    _check_train_options(preset, args, extra)
     template = (SLURM_DIR / TEMPLATES[preset.strategy]).read_text()
     command = shlex.join(["lorafa-scale", "launch", *argv]).replace("\n", "\\n")  # stays one comment line
     preamble = [f"# Written by: {command}", f"export LORAFA_ROOT={shlex.quote(str(REPO_ROOT))}",

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_args import Parser, add_renamed, comma_list, deprecated, dtype_type
 from ..config import ConfigError
 from .presets import GEOMETRIES, ModelGeometry
 
@@ -322,10 +323,14 @@ def plan(job: Job) -> Plan:
         # DeepSpeed's zero.Init does not apply to bitsandbytes models: each rank loads the whole quantized model.
         load_peak = base + gpu["runtime reserve"]
         notes.append("ZeRO-3 with a quantized base: every GPU holds the whole quantized model while loading")
+    result = Plan(job, gpu, temporary, cpu, load_peak, notes)
     if job.gradient_checkpointing and job.method == "lorafa":
-        notes.append("with gradient checkpointing LoRA-FA saves activations only in the recomputed layer; "
-                     "try without it")
-    return Plan(job, gpu, temporary, cpu, load_peak, notes)
+        # Only where it is true: presets turn checkpointing on where the job would not fit without it.
+        without = plan(dataclasses.replace(job, gradient_checkpointing=False))
+        if without.fits:
+            notes.append(f"fits without gradient checkpointing too ({without.gpu_total / GiB:.2f} GiB): try "
+                         "--no-gradient-checkpointing, LoRA-FA saves activations only in the recomputed layer")
+    return result
 
 
 # -- the seed's table ----------------------------------------------------------------------------------------
@@ -412,39 +417,95 @@ def _targets(text: str) -> tuple[str, ...]:
     return ALL_TARGETS if text == "all-linear" else tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def build_parser() -> Parser:
+    p = Parser(prog="lorafa-scale plan", description="Per-GPU memory of a fine-tuning job, before renting the GPUs. "
+               "Every setting not given is the preset's (the size table of lorafa_scale/jobs/presets.py), so "
+               "`plan --preset X` plans what `lorafa-scale launch --preset X` runs. Options have the trainer's names.")
+    add = p.add_argument
+    add("--preset", help=f"a preset ({', '.join(GEOMETRIES)}), or a local Llama-layout model folder or its config.json")
+    add("--model", help="the same as --preset (the trainer's name): a model folder or config.json, or a preset name")
+    add("legacy_model", nargs="?", help=argparse.SUPPRESS)  # `plan llama-3-70b`: deprecated, use --preset
+    add("--config", help="DeepSpeed JSON config: plans its ZeRO stage and offload (default: the preset's config)")
+    add("--fsdp", action="store_true", help="plan FSDP2 instead of DeepSpeed")
+    add("--cpu-offload", action="store_true", help="with --fsdp: FSDP2's CPU offload of parameters and optimizer")
+    add("--strategy", choices=STRATEGIES, help="the planner's name for the engine, instead of --config / --fsdp")
+    add("--quantization", default="none", choices=QUANTIZATIONS, help="base model loaded in 4 or 8 bits")
+    add("--nodes", type=int, default=1, help="nodes in the job")
+    add("--gpus-per-node", type=int, default=8, help="GPUs (training processes) per node")
+    add("--micro-batch-size", type=int, help="examples per forward pass on each GPU (default: the preset's)")
+    add("--seq-len", type=int, help="tokens per example (default: the preset's)")
+    add("--r", type=int, help="adapter rank (default: the preset's)")
+    add("--target-modules", nargs="+", default=["all-linear"], help="layer names to adapt (e.g. q_proj v_proj), or all-linear")
+    add("--method", default="lorafa", choices=("lorafa", "lora"), help="lora: PEFT's LoRA, A trained too")
+    add("--lora-dropout", type=float, help="dropout on the adapter input (default: the preset's, 0.05)")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        help="recompute activations in backward (default: the preset's)")
+    add("--lean", action="store_true", help="lean mode (lorafa_scale.lean, launch/train.py's default)")
+    add("--dtype", default="bfloat16", choices=tuple(DTYPE_NAMES), type=dtype_type("lorafa-scale plan"),
+        help="base model dtype")
+    add("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    add("--reserve-gib", type=float, default=1.0, help="CUDA context, NCCL, fragmentation")
+    add("--json", action="store_true", help="print the plan as JSON")
+    add("--seed-table", action="store_true", help="print the seed card's memory table, computed (r 16, q_proj v_proj)")
+    add_renamed(p, "--quant", "--quantization", choices=QUANTIZATIONS)
+    add_renamed(p, "--micro-batch", "--micro-batch-size", type=int)
+    add_renamed(p, "--targets", "--target-modules", convert=comma_list, note="--target-modules a b")
+    return p
+
+
+# the trainer's dtype names -> the planner's byte table
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _strategy(args, preset) -> str:
+    """The planner's strategy from --strategy, --fsdp [--cpu-offload] or --config, else the preset's."""
+    if args.strategy:
+        return args.strategy
+    if args.fsdp or (args.config is None and preset.strategy == "fsdp"):
+        return "fsdp2-offload" if args.cpu_offload else "fsdp2"
+    if args.config is None and preset.strategy == "single":
+        return "single"
+    from .launcher import REPO_ROOT, _planner_strategy
+
+    config = Path(args.config) if args.config else REPO_ROOT / preset.deepspeed_config
+    if not config.is_file():
+        raise ConfigError(f"plan: --config: {config} not found")
+    return _planner_strategy(config)
+
+
+def job_from_args(args) -> Job:
+    """The Job the options describe: the preset's settings, overridden by every option given."""
+    from .presets import preset_from
+
+    if args.legacy_model is not None:
+        deprecated("lorafa-scale plan", f"the positional model ({args.legacy_model})", f"--preset {args.legacy_model}")
+    name = args.preset or args.model or args.legacy_model
+    if name is None:
+        raise ConfigError("plan: --preset (or --model) is required unless --seed-table is given")
+    load_geometry(name)  # a bad name fails here with the planner's message
+    targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+    try:
+        preset = preset_from(name, micro_batch=args.micro_batch_size, seq_len=args.seq_len, r=args.r,
+                             lora_dropout=args.lora_dropout, gradient_checkpointing=args.gradient_checkpointing,
+                             target_modules=targets)
+    except ConfigError as err:
+        raise ConfigError(f"plan: {str(err).removeprefix('preset: ')}") from None
+    return Job(preset.geometry, _strategy(args, preset), args.quantization, args.nodes, args.gpus_per_node,
+               preset.micro_batch, preset.seq_len, preset.r, _targets(",".join(args.target_modules)), args.method,
+               preset.lora_dropout, preset.gradient_checkpointing, DTYPE_NAMES[args.dtype], "cuda",
+               args.gpu_memory_gib, args.reserve_gib, args.lean)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorafa-scale plan", description="Per-GPU memory of a fine-tuning job.")
-    parser.add_argument("model", nargs="?", help=f"preset ({', '.join(GEOMETRIES)}) or a config.json / its folder")
-    parser.add_argument("--strategy", default="single", choices=STRATEGIES)
-    parser.add_argument("--quant", default="none", choices=QUANTIZATIONS)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=1)
-    parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--targets", default="all-linear", help="all-linear or a comma list, e.g. q_proj,v_proj")
-    parser.add_argument("--method", default="lorafa", choices=("lorafa", "lora"))
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--lean", action="store_true", help="lean mode (lorafa_scale.lean, launch/train.py's default)")
-    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES))
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    parser.add_argument("--reserve-gib", type=float, default=1.0, help="CUDA context, NCCL, fragmentation")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--seed-table", action="store_true", help="print the seed card's memory table, computed")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.seed_table:
-            targets = _targets(args.targets if args.targets != "all-linear" else "q_proj,v_proj")
-            rows = seed_table(args.r, targets)
-            print(json.dumps(rows, indent=2) if args.json else format_seed_table(rows, args.r, targets))
+            r = args.r or 16
+            targets = _targets(",".join(args.target_modules) if args.target_modules != ["all-linear"] else "q_proj,v_proj")
+            rows = seed_table(r, targets)
+            print(json.dumps(rows, indent=2) if args.json else format_seed_table(rows, r, targets))
             return 0
-        if args.model is None:
-            parser.error("a model (preset or config.json) is required unless --seed-table is given")
-        job = Job(load_geometry(args.model), args.strategy, args.quant, args.nodes, args.gpus_per_node,
-                  args.micro_batch, args.seq_len, args.r, _targets(args.targets), args.method, args.lora_dropout,
-                  args.gradient_checkpointing, args.dtype, "cuda", args.gpu_memory_gib, args.reserve_gib, args.lean)
-        result = plan(job)
+        result = plan(job_from_args(args))
     except ConfigError as error:
         print(f"lorafa-scale {error}", file=sys.stderr)  # every message starts with "plan:"
         return 2

@@ -152,6 +152,26 @@ def get_preset(name: str, **overrides) -> Preset:
     return preset_for(name, GEOMETRIES[name], **overrides)
 
 
+def preset_from(name_or_path: str, /, **overrides) -> Preset:
+    """A preset by name, or the size table's settings for a local Llama-layout model (its folder or config.json).
+
+    The one lookup behind `lorafa-scale launch --preset` and `lorafa-scale plan --preset`, so both plan the
+    same job. A bad name or folder is a ConfigError naming the presets."""
+    if name_or_path in GEOMETRIES:
+        return get_preset(name_or_path, **overrides)
+    from pathlib import Path
+
+    from .planner import load_geometry
+
+    folder = Path(name_or_path).resolve()
+    folder = folder.parent if folder.name == "config.json" else folder
+    try:
+        geometry = load_geometry(name_or_path)
+    except ConfigError as err:
+        raise ConfigError(f"preset: {str(err).removeprefix('plan: ')}") from None
+    return preset_for(folder.name, geometry, **{**overrides, "model": overrides.get("model") or str(folder)})
+
+
 def preset_for(name: str, geometry: ModelGeometry, **overrides) -> Preset:
     """The per-size defaults for any model geometry (e.g. read from a local config.json), with overrides."""
     for key in overrides:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..cli_args import Parser
 from ..config import ConfigError
 from ..engines.deepspeed_config import read_ds_config
 from .rundir import ENV_OUTPUT_DIR
@@ -78,7 +79,7 @@ class TrainArgs:
 
 
 def build_parser(prog: str = "lorafa-scale train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="Train LoRA-FA adapters (A frozen, B trained). Without --model: a small built-in "
         "Llama-style model with a byte-level tokenizer (trains on any --dataset); without --dataset: a sample "
@@ -236,6 +237,20 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None,
         args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     args.grad_accum = args.global_batch_size // (args.micro_batch_size * world_size)
     return args
+
+
+def check_options(argv: list[str]) -> argparse.Namespace:
+    """The options as the trainer will parse them, without looking at files or the world size (for
+    `lorafa-scale launch`, whose trainer runs elsewhere): an unknown option or a bad value is a ConfigError."""
+    parser = build_parser("launch/train.py")
+    parser.exit_on_error, parser.raise_errors = False, True
+    try:
+        namespace, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        raise ConfigError(str(err)) from None
+    if unknown:
+        raise ConfigError(parser.unknown_message(unknown[0]))
+    return namespace
 
 
 def _find_recipe(argv: list[str]) -> str | None:

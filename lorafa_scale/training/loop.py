@@ -13,7 +13,6 @@ on --micro-batch-size, and a resumed run repeats an uninterrupted one exactly (s
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import resource
@@ -21,7 +20,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..cli_args import quiet_third_party
 from ..config import ConfigError, LoraFAConfig
 from ..engines.strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state, strategy_name
 from ..lean import is_lean
@@ -250,31 +249,9 @@ def _share_cpu_threads(embedded_job: bool) -> None:
     torch.set_num_threads(1 if embedded_job else max(1, (os.cpu_count() or 1) // local_processes))
 
 
-def _not_accelerator_choice(record) -> bool:
-    return "Setting accelerator to" not in record.getMessage()
-
-
-def _not_cpu_kernel_hint(record) -> bool:
-    return "gemm_4bit_forward" not in record.getMessage()
-
-
 def _quiet_third_party(args: TrainArgs) -> None:
-    """Keep library noise that says nothing about this run out of its output (warnings that matter stay).
-
-    - torch renamed some collectives; DeepSpeed still calls the old names, whose FutureWarning landed inside
-      the progress bar of sharded runs. Only those renames are silenced.
-    - transformers' save_pretrained imports DeepSpeed through accelerate whenever it is installed, and
-      DeepSpeed then logs which accelerator it picked ("Setting accelerator to CPU ... unable to detect
-      it"). That matters only to runs on the DeepSpeed engine, which keep it.
-    - PEFT imports bitsandbytes, which on some CPUs suggests installing `kernels` for its 4-bit inference
-      kernel: news only to a run with a quantized base, which keeps it.
-    """
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.(reduce_scatter_tensor|"
-                            r"_reduce_scatter_base|all_gather_into_tensor|_all_gather_base)` is")
-    if strategy_name(args) != "deepspeed":
-        logging.getLogger("DeepSpeed").addFilter(_not_accelerator_choice)
-    if args.quantization == "none":
-        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_cpu_kernel_hint)
+    """Third-party noise out of a normal run (cli_args.quiet_third_party says what and why)."""
+    quiet_third_party(deepspeed=strategy_name(args) == "deepspeed", quantized=args.quantization != "none")
 
 
 def _quiet_unless_main() -> None:

@@ -54,8 +54,8 @@ def test_expand_nodelist_rejects_malformed_lists(nodelist):
         expand_nodelist(nodelist)
 
 
-LAUNCH_13B = ["--preset", "llama-2-13b", "--nodes", "2", "--gpus-per-node", "8", "--global-batch", "128",
-              "--strategy", "fsdp", "--nodelist", "gpu[07-08]", "--partition", "a100"]
+LAUNCH_13B = ["--preset", "llama-2-13b", "--nodes", "2", "--gpus-per-node", "8", "--global-batch-size", "128",
+              "--fsdp", "--nodelist", "gpu[07-08]", "--partition", "a100"]
 
 
 def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -80,7 +80,7 @@ def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, monkeypatch, capsys
 
 def test_small_models_default_to_zero2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["--preset", "llama-3.2-1b", "--nodes", "2", "--global-batch", "64", "--dry-run"]) == 0
+    assert main(["--preset", "llama-3.2-1b", "--nodes", "2", "--global-batch-size", "64", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"export LORAFA_DS_CONFIG={REPO_ROOT}/ds_configs/zero2.json" in out
     assert "meta-llama/Llama-3.2-1B: zero2, 2 node(s) x 8 GPU(s), micro batch 4 x 4096" in out
@@ -100,7 +100,7 @@ def test_training_options_are_passed_literally_never_run(tmp_path, monkeypatch, 
 
 def test_written_job_is_a_valid_sbatch_script_and_is_not_overwritten(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["--preset", "llama-3-70b", "--nodes", "8", "--global-batch", "512", "--time", "2-00:00:00",
+    args = ["--preset", "llama-3-70b", "--nodes", "8", "--global-batch-size", "512", "--time", "2-00:00:00",
             "--output-dir", "out", "--master-port", "31001", "--warning-seconds", "900"]
     assert main(args) == 0
     job = tmp_path / "out" / "slurm" / "job.sbatch"
@@ -130,26 +130,47 @@ def test_written_job_is_a_valid_sbatch_script_and_is_not_overwritten(tmp_path, m
 def test_a_local_model_folder_instead_of_a_preset(tmp_path, monkeypatch, capsys):
     tiny_llama_config().save_pretrained(tmp_path / "my-llama")  # config.json only: no weights needed
     monkeypatch.chdir(tmp_path)
-    assert main(["--preset", "my-llama", "--nodes", "2", "--gpus-per-node", "1", "--global-batch", "32",
-                 "--strategy", "fsdp", "--seq-len", "128", "--dry-run"]) == 0
+    assert main(["--preset", "my-llama", "--nodes", "2", "--gpus-per-node", "1", "--global-batch-size", "32",
+                 "--fsdp", "--seq-len", "128", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "my-llama" in out and "LoRA-FA r=16 alpha=32 fast_adapter_rank=4" in out  # the < 1B row
     assert f"--model {tmp_path / 'my-llama'} --output-dir runs/my-llama --micro-batch-size 8" in out
-    assert main(["--preset", "llama-2-14b", "--nodes", "2", "--global-batch", "32", "--dry-run"]) == 2
+    assert main(["--preset", "llama-2-14b", "--nodes", "2", "--global-batch-size", "32", "--dry-run"]) == 2
     assert "--preset: 'llama-2-14b' is neither a preset" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("changes, message", [
-    (["--global-batch", "100"], "global batch 100 is not a multiple of micro batch 4 x 2 nodes x 8 GPUs per node = 64"),
+    (["--global-batch-size", "100"], "global batch 100 is not a multiple of micro batch 4 x 2 nodes x 8 GPUs per node = 64"),
     (["--nodelist", "gpu[1-3]"], "--nodelist gpu[1-3] names 3 nodes, --nodes is 2"),
     (["--partition", "a100 long"], "#SBATCH --partition=a100 long: Slurm takes these values literally"),
     (["--seq-len", "8192"], "seq_len=8192 exceeds the model's max_position_embeddings=4096"),
-    (["--strategy", "deepspeed", "--deepspeed-config", "missing.json"], "--deepspeed-config: missing.json not found"),
+    (["--no-fsdp", "--config", "missing.json"], "--config: missing.json not found"),
+    # the trainer's options are checked by the trainer's own parser before anything is written
+    (["--", "--datset", "d.jsonl"], "options after -- (for launch/train.py): unknown option --datset; did you mean --dataset?"),
+    (["--", "--dataset", "d.jsonl", "--dry-run"], "(--dry-run is an option of lorafa-scale launch: put it before --)"),
+    (["--", "--lr", "fast"], "options after -- (for launch/train.py): argument --lr: invalid float value: 'fast'"),
 ])
 def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, monkeypatch, capsys, changes, message):
     monkeypatch.chdir(tmp_path)
-    args = ["--preset", "llama-2-13b", "--nodes", "2", "--global-batch", "128", "--strategy", "fsdp", *changes]
+    args = ["--preset", "llama-2-13b", "--nodes", "2", "--global-batch-size", "128", "--fsdp", *changes]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_old_option_names_still_work_with_a_one_line_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    new = ["--preset", "llama-2-13b", "--nodes", "2", "--global-batch-size", "128", "--micro-batch-size", "2",
+           "--fsdp", "--dry-run"]
+    old = ["--preset", "llama-2-13b", "--nodes", "2", "--global-batch", "128", "--micro-batch", "2",
+           "--strategy", "fsdp", "--dry-run"]
+    assert main(new) == 0
+    expected = capsys.readouterr()
+    assert main(old) == 0
+    got = capsys.readouterr()
+    assert got.out.replace(" ".join(old), " ".join(new)) == expected.out
+    assert got.err.splitlines() == [
+        "lorafa-scale launch: note: --global-batch is deprecated, use --global-batch-size (still accepted in this release)",
+        "lorafa-scale launch: note: --micro-batch is deprecated, use --micro-batch-size (still accepted in this release)",
+        "lorafa-scale launch: note: --strategy is deprecated, use --fsdp or --no-fsdp (still accepted in this release)"]

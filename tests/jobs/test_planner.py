@@ -106,13 +106,42 @@ def test_config_json_geometry_and_errors(tmp_path):
 
 
 def test_cli_text_json_and_exit_codes(capsys):
-    assert main(["llama-3-8b", "--strategy", "zero3", "--gpus-per-node", "8", "--seq-len", "4096"]) == 0
+    assert main(["--preset", "llama-3-8b", "--strategy", "zero3", "--gpus-per-node", "8", "--seq-len", "4096"]) == 0
     text = capsys.readouterr().out
     assert "activations" in text and "fits in 80 GiB" in text
-    assert main(["llama-3-70b", "--json", "--gpu-memory-gib", "24"]) == 1  # 140 GB of bf16 weights on one GPU
+    assert main(["--preset", "llama-3-70b", "--strategy", "single", "--gpus-per-node", "1", "--json",
+                 "--gpu-memory-gib", "24"]) == 1  # 140 GB of bf16 weights on one GPU
     result = json.loads(capsys.readouterr().out)
     assert result["fits"] is False and result["gpu_bytes"]["base weights"] > 130e9
-    assert main(["no-such-model"]) == 2
+    assert main(["--preset", "no-such-model"]) == 2
     assert "lorafa-scale plan: 'no-such-model' is neither a preset" in capsys.readouterr().err
     assert main(["--seed-table"]) == 0
     assert "| llama-2-70b |" in capsys.readouterr().out
+
+
+def test_plan_with_a_preset_plans_what_launch_runs(tmp_path, monkeypatch, capsys):
+    """`plan --preset X` takes the preset's settings (r, seq, micro batch, checkpointing, engine), as launch does."""
+    from lorafa_scale.jobs import launcher
+
+    monkeypatch.chdir(tmp_path)
+    assert launcher.main(["--preset", "llama-3-70b", "--nodes", "8", "--global-batch-size", "512", "--dry-run"]) == 0
+    launched = capsys.readouterr().out
+    assert main(["--preset", "llama-3-70b", "--nodes", "8"]) == 0
+    planned = capsys.readouterr().out
+    assert planned.strip() in launched
+    assert "zero3, 8 node(s) x 8 GPU(s), micro batch 2 x 4096 tokens, LoRA-FA r=64" in planned
+    assert "gradient checkpointing on" in planned and "try --no-gradient-checkpointing" not in planned
+    # The note on checkpointing appears only where the job also fits without it.
+    assert main(["--preset", "llama-2-7b", "--nodes", "1", "--seq-len", "1024", "--micro-batch-size", "1"]) == 0
+    assert "fits without gradient checkpointing too" in capsys.readouterr().out
+
+
+def test_old_spellings_give_the_same_plan_with_a_note(capsys):
+    assert main(["--preset", "llama-2-7b", "--quantization", "nf4", "--target-modules", "q_proj", "v_proj",
+                 "--micro-batch-size", "1", "--dtype", "bfloat16", "--fsdp", "--json"]) == 0
+    new = capsys.readouterr()
+    assert main(["llama-2-7b", "--quant", "nf4", "--targets", "q_proj,v_proj", "--micro-batch", "1", "--dtype", "bf16",
+                 "--strategy", "fsdp2", "--json"]) == 0
+    old = capsys.readouterr()
+    assert json.loads(old.out) == json.loads(new.out) and new.err == ""
+    assert len(old.err.splitlines()) == 5 and all(" is deprecated, use " in line for line in old.err.splitlines())
