@@ -62,3 +62,23 @@ def test_trainer_names_itself_by_the_command_typed(tmp_path):
                             cwd=cli.__file__.rsplit("/lorafa_scale/", 1)[0])
     assert script.returncode == 2
     assert script.stderr.splitlines()[-1] == "launch/train.py: error: unknown option --epoch; did you mean --epochs? (see --help)"
+
+
+def test_third_party_noise_is_filtered_and_other_warnings_stay():
+    import logging
+    import warnings
+
+    from lorafa_scale.cli_args import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party(deepspeed=False, quantized=False)
+        warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
+                      "`torch.distributed.reduce_scatter_single` instead.", FutureWarning, stacklevel=1)
+        warnings.warn("something that matters", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something that matters"]
+    ds = logging.getLogger("DeepSpeed")
+    record = ds.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, "Setting accelerator to CPU. If you have "
+                           "GPU or other accelerator, we were unable to detect it.", None, None)
+    assert not ds.filter(record)
+    assert ds.filter(ds.makeRecord("DeepSpeed", logging.WARNING, __file__, 1, "a real problem", None, None))
