@@ -251,8 +251,6 @@ def _launch(args, extra: list[str], argv: list[str]) -> int:
             raise ConfigError(f"--config: {ds_config} not found")
         ds_config = ds_config.resolve()
     job_file = Path(args.job_dir) / "job.sbatch"
-    if job_file.exists() and not args.overwrite and not args.dry_run:
-        raise ConfigError(f"{job_file} exists; pass --overwrite to replace it, or choose another --job-dir")
 
     _check_train_options(preset, args, extra)
     template = (SLURM_DIR / TEMPLATES[preset.strategy]).read_text()
@@ -266,6 +264,11 @@ def _launch(args, extra: list[str], argv: list[str]) -> int:
         preamble.append(f"export MASTER_PORT={args.master_port}")
     preamble.append(f"set -- {shlex.join(_train_args(preset, args, extra))} \"$@\"")
     script = render_sbatch(template, _sbatch_options(template, args, preset), preamble)
+    # The same command again finds its own job there and leaves it; a different job is refused.
+    unchanged = job_file.is_file() and job_file.read_text() == script
+    if job_file.exists() and not unchanged and not args.overwrite and not args.dry_run:
+        raise ConfigError(f"{job_file} holds another job; pass --overwrite to replace it, or choose another "
+                          "--job-dir (or --output-dir)")
     nodes_text = node_commands(script, args.nodes, args.nodelist)
 
     world = args.nodes * args.gpus_per_node
@@ -278,6 +281,9 @@ def _launch(args, extra: list[str], argv: list[str]) -> int:
     print(f"\n# {job_file}\n{script}\n# what each node runs\n{nodes_text}")
     if args.dry_run:
         print("dry run: nothing written")
+        return 0
+    if unchanged:
+        print(f"{job_file} already holds this job, unchanged; submit with: sbatch {shlex.quote(str(job_file))}")
         return 0
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job_file.write_text(script)

@@ -120,8 +120,12 @@ def test_written_job_is_a_valid_sbatch_script_and_is_not_overwritten(tmp_path, m
         lint = subprocess.run(["shellcheck", str(job)], capture_output=True, text=True)
         assert lint.returncode == 0, lint.stdout
 
-    assert main([*args, "--r", "8"]) == 2  # the job already written stays as it was
-    assert f"{job.relative_to(tmp_path)} exists; pass --overwrite" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(args) == 0  # the same command again (README commands run twice): its own job, left as it is
+    assert "already holds this job, unchanged; submit with: sbatch" in capsys.readouterr().out
+    assert job.read_text() == text
+    assert main([*args, "--r", "8"]) == 2  # another job: the one written stays as it was
+    assert f"{job.relative_to(tmp_path)} holds another job; pass --overwrite" in capsys.readouterr().err
     assert job.read_text() == text
     assert main([*args, "--r", "8", "--overwrite"]) == 0
     assert "--r 8 --lora-alpha 16 --fast-adapter-rank 2" in job.read_text()
