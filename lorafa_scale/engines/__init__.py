@@ -37,8 +37,13 @@ def _check(engine: str, ds_config) -> None:
 
 
 def load_sharded_model(path, lora_config: LoraFAConfig, engine: str, *, ds_config=None,
-                       dtype: torch.dtype = torch.bfloat16, quantization: str = "none", **engine_options):
-    """Collective: a LoRA-FA causal LM sharded by `engine` from the moment it is loaded (module doc)."""
+                       dtype: torch.dtype = torch.bfloat16, quantization: str = "none", lean: bool = True,
+                       **engine_options):
+    """Collective: a LoRA-FA causal LM sharded by `engine` from the moment it is loaded (module doc).
+
+    lean (default True): lorafa_scale.lean's patches for Llama/Mistral/Qwen2/Qwen3 (chunked head + loss,
+    SwiGLU and RMSNorm keeping only their inputs); `module(**batch, labels=...).loss` then never builds the
+    logits in training mode (logits=None). Other model types are left as they are."""
     _check(engine, ds_config)
     if engine == "zero3" and ds_config is None:
         raise ConfigError("engine='zero3' needs ds_config (a dict or a JSON path: ds_configs/zero3.json)")
@@ -52,6 +57,10 @@ def load_sharded_model(path, lora_config: LoraFAConfig, engine: str, *, ds_confi
         from . import fsdp
 
         model = fsdp.load_model(path, lora_config, dtype=dtype, quantization=quantization, **engine_options)
+    if lean:
+        from .. import lean as lean_mode
+
+        lean_mode.apply(model)
     setattr(model, ENGINE_ATTR, engine)
     return model
 

@@ -31,7 +31,9 @@ import sys
 import torch
 from torch import nn
 
-from .loss import IGNORE_INDEX, default_chunk_tokens, linear_cross_entropy
+from ..backends import find_backend
+from ..backends.torch_linear import LINEAR
+from .loss import IGNORE_INDEX, LeanCausalLMLoss, default_chunk_tokens, linear_cross_entropy
 from .norm import lean_rms_norm_forward, rms_norm
 from .swiglu import lean_mlp_forward, silu_mul
 
@@ -61,7 +63,7 @@ def _lean_causal_lm_forward(self, *args, **kwargs):
         and self.training
         and torch.is_grad_enabled()
         and isinstance(arguments.get("logits_to_keep", 0), int) and arguments.get("logits_to_keep", 0) == 0
-        and type(head) is nn.Linear and head.bias is None
+        and find_backend(head) is LINEAR and head.bias is None  # a plain (or ZeRO-3-frozen) linear head
         and not extra.get("output_attentions")
     )
     if not lean:
@@ -74,8 +76,8 @@ def _lean_causal_lm_forward(self, *args, **kwargs):
     extra.pop("shift_labels", None)
     model_args = {k: v for k, v in arguments.items() if k not in ("self", "labels", "logits_to_keep")}
     outputs = getattr(self, self.base_model_prefix)(**model_args, **extra)
-    loss = linear_cross_entropy(
-        outputs.last_hidden_state, head.weight, labels, shift_labels=shift_labels,
+    loss = self.lorafa_lean_loss(
+        outputs.last_hidden_state, head, labels, shift_labels=shift_labels,
         num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, chunk_tokens=self._lorafa_chunk_tokens,
     )
     result = CausalLMOutputWithPast(loss=loss, logits=None, cache=getattr(outputs, "cache", None),
@@ -138,6 +140,8 @@ def apply(model: nn.Module, *, loss_chunk_tokens: int | None = None) -> bool:
                                    _lorafa_signature=inspect.signature(causal_cls.forward))
     if type(hf) is _LEAN_CLASSES.get(causal_cls):
         hf._lorafa_chunk_tokens = loss_chunk_tokens
+        if not isinstance(getattr(hf, "lorafa_lean_loss", None), LeanCausalLMLoss):
+            hf.lorafa_lean_loss = LeanCausalLMLoss()  # no parameters: state_dict and adapter keys unchanged
     if getattr(config, "_attn_implementation", None) == "eager":
         config._attn_implementation = "sdpa"
     return True
@@ -145,6 +149,8 @@ def apply(model: nn.Module, *, loss_chunk_tokens: int | None = None) -> bool:
 
 def remove(model: nn.Module) -> None:
     """Undo `apply`: every patched module gets its original class back."""
-    for module in _hf_model(model).modules():
+    for module in list(_hf_model(model).modules()):
         if getattr(type(module), LEAN_MARK, False):
             module.__class__ = type(module)._lorafa_original
+            if isinstance(getattr(module, "lorafa_lean_loss", None), LeanCausalLMLoss):
+                del module.lorafa_lean_loss

@@ -20,10 +20,9 @@ the sum divided by `num_items_in_batch` when given. All tokens ignored gives nan
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 CHUNK_VALUES = 2**25  # logits values per chunk: 128 MiB in float32 (1024 tokens at a 32k vocabulary)
@@ -77,17 +76,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _full_weight(weight: torch.Tensor):
-    """(weight usable here, context to compute in): ZeRO-3 gathers a partitioned head; FSDP2 shards re-assemble."""
-    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3 parameter: gather it for the duration (no-op if gathered)
-        import deepspeed
-
-        return weight, deepspeed.zero.GatheredParameters([weight])
+def _full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 shards not gathered by a unit) re-assembled; any other weight as it is."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(weight, DTensor):
-        return weight.full_tensor(), nullcontext()
-    return weight, nullcontext()
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
+class LeanCausalLMLoss(nn.Module):
+    """The lean head + loss as a (parameterless) submodule of the causal LM.
+
+    Under DeepSpeed ZeRO-3 a partitioned parameter read inside a module's forward is gathered and registered
+    as an external parameter of that module, then released after its forward: reading the head's weight
+    here keeps it gathered only while the loss is computed, not for the whole model's forward.
+    """
+
+    def forward(self, hidden, head, labels=None, **kwargs):
+        return linear_cross_entropy(hidden, head.weight, labels, **kwargs)
 
 
 def linear_cross_entropy(
@@ -113,14 +118,12 @@ def linear_cross_entropy(
         scale = 1.0 / (shift_labels != ignore_index).sum().to(torch.float32)  # inf if none counted: nan, as there
     else:
         scale = 1.0 / torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
-    weight, context = _full_weight(weight)
+    weight = _full_weight(weight)
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    with context:
-        if not torch.is_grad_enabled() or not (flat.requires_grad or weight.requires_grad):
-            with torch.no_grad():
-                return LinearCrossEntropyFunction.forward(_NoCtx(), flat, weight, shift_labels, scale,
-                                                          ignore_index, chunk)
-        return LinearCrossEntropyFunction.apply(flat, weight, shift_labels, scale, ignore_index, chunk)
+    if not torch.is_grad_enabled() or not (flat.requires_grad or weight.requires_grad):
+        with torch.no_grad():
+            return LinearCrossEntropyFunction.forward(_NoCtx(), flat, weight, shift_labels, scale, ignore_index, chunk)
+    return LinearCrossEntropyFunction.apply(flat, weight, shift_labels, scale, ignore_index, chunk)
 
 
 class _NoCtx:
