@@ -178,7 +178,12 @@ def lr_lambda(warmup_steps: int, total_steps: int):
 def token_loss_sum(module, batch: dict, device) -> torch.Tensor:
     """Summed next-token cross-entropy over the trained tokens of a micro-batch (fp32)."""
     if is_lean(module):  # the model's own lean head + loss: a sum with num_items_in_batch=1, no logits
-        return module(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+        # collate right-pads and ignores the padding's labels, so the causal mask alone gives the real tokens
+        # the same outputs; without a padding mask SDPA keeps no batch x seq x seq float mask for backward
+        mask = batch["attention_mask"]
+        right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+        return module(input_ids=batch["input_ids"].to(device),
+                      attention_mask=None if right_padded else mask.to(device),
                       labels=batch["labels"].to(device), num_items_in_batch=1).loss
     logits = module(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     labels = batch["labels"][:, 1:].to(device)

@@ -44,3 +44,19 @@ def test_lean_is_the_default_option():
     parser = build_parser()
     assert parser.parse_args([]).lean is True
     assert parser.parse_args(["--no-lean"]).lean is False
+
+
+def test_right_padding_mask_dropped_in_lean_path():
+    from lorafa_scale.jobs.planner import measure_kept
+
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), lean=True).train()
+    ids = torch.randint(0, 128, (2, 64))
+    mask = torch.ones_like(ids)
+    mask[0, -20:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    dropped, _ = measure_kept(lambda: token_loss_sum(model, batch, torch.device("cpu")), model)
+    kept, _ = measure_kept(lambda: model(input_ids=ids, attention_mask=mask, labels=labels,
+                                         num_items_in_batch=1).loss, model)
+    assert kept - dropped >= 2 * 64 * 64 * 4  # at least one float32 batch x seq x seq mask
