@@ -147,3 +147,29 @@ def test_eager_attention_switched_to_sdpa():
     model = wrapped(base, True)
     assert model.config._attn_implementation == "sdpa"
     assert_close(reference, loss_and_grads(model, ids, labels), torch.float32)
+
+
+def test_under_autocast():
+    base = tiny("qwen3")
+    ids, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = loss_and_grads(wrapped(base, False), ids, labels)
+        got = loss_and_grads(wrapped(base, True), ids, labels)
+    assert_close(reference, got, torch.bfloat16)
+
+
+def test_nf4_base(tmp_path):
+    from lorafa_scale.quantization import load_model
+    from tests.tiny_models import save_tiny_llama
+
+    checkpoint = save_tiny_llama(tmp_path / "model", vocab_size=150)
+    ids, labels = batch()
+    runs = []
+    for lean_on in (False, True):
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear", init_lora_weights=False)
+        model = load_model(checkpoint, "nf4", torch.float32, config).train()
+        if lean_on:
+            assert lean.apply(model)
+        runs.append(loss_and_grads(model, ids, labels))
+    assert_close(runs[0], runs[1], torch.float32)
