@@ -12,6 +12,7 @@ kept bytes, reported as "+ one layer" (that layer's figure from the run without 
 
     python bench/bench_lean_memory.py                   # bench/results/lean_memory.json
     python bench/bench_lean_memory.py --model DIR --seq-len 512   # a saved model (e.g. SmolLM2-135M-Instruct)
+    python bench/bench_lean_memory.py --dtype bfloat16 --device cuda   # on a GPU: also the peak CUDA memory of a step
 """
 
 from __future__ import annotations
@@ -97,23 +98,32 @@ def main() -> None:
     parser.add_argument("--model", help="a saved Hugging Face model folder (default: the bench geometry)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
     parser.add_argument("--name", default=None, help="results name (default lean_memory[_<model folder>])")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     if args.model:
         from transformers import AutoModelForCausalLM
 
         def fresh():
-            return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     else:
         def fresh():
-            return base_model()
+            return base_model().to(dtype=dtype, device=device)
     vocab = fresh().config.vocab_size
-    ids = torch.randint(0, vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     rows = {}
     for checkpointing in (False, True):
         for variant in VARIANTS:
             torch.manual_seed(0)
             model = build(variant, fresh(), checkpointing)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             result = measure(model, ids)
+            if device.type == "cuda":
+                result["cuda_peak_above_start"] = torch.cuda.max_memory_allocated() - before
             key = variant + ("_checkpointing" if checkpointing else "")
             if checkpointing:
                 per_layer = rows[variant]["by_layer"]
@@ -123,6 +133,8 @@ def main() -> None:
             parts = ", ".join(f"{k} {v / MiB:.1f}" for k, v in sorted(result["by_module"].items(), key=lambda kv: -kv[1]))
             extra = (f"  (+ one layer {result['one_layer'] / MiB:.1f} = {result['peak'] / MiB:.1f} MiB;"
                      f" checkpointed inputs {result['checkpoint_inputs'] / MiB:.1f})" if checkpointing else "")
+            if "cuda_peak_above_start" in result:
+                extra += f"  [CUDA peak above start {result['cuda_peak_above_start'] / MiB:.1f} MiB]"
             print(f"{LABELS[variant] + (' + checkpointing' if checkpointing else ''):<34} kept "
                   f"{result['kept'] / MiB:8.1f} MiB{extra}\n    by module: {parts}", flush=True)
             del model
@@ -135,8 +147,10 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     name = args.name or ("lean_memory" if not args.model else f"lean_memory_{args.model.rstrip('/').split('/')[-1]}")
-    path = save_result(name, {"model": args.model or "bench geometry", "seq_len": args.seq_len, "rows": rows,
-                              "ratios": ratios})
+    if args.dtype != "float32" or device.type != "cpu":
+        name += f"_{args.dtype}_{device.type}"
+    path = save_result(name, {"model": args.model or "bench geometry", "seq_len": args.seq_len, "dtype": args.dtype,
+                              "device": str(device), "rows": rows, "ratios": ratios})
     print(f"wrote {path}")
 
 
