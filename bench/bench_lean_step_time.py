@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from bench_lean_memory import LABELS, VARIANTS, build
-from common import LR, base_model, batch, save_result, train_step
+from common import LR, base_model, batch, save_result, timed_rounds, timing_summary, train_step
 
 
 def main() -> None:
@@ -35,22 +34,10 @@ def main() -> None:
         models[variant] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR))
     for model, optimizer in models.values():  # warm-up
         train_step(model, optimizer, ids)
-    wall = {v: [] for v in VARIANTS}
-    cpu = {v: [] for v in VARIANTS}
-    for round_index in range(args.rounds):
-        order = VARIANTS[round_index % 3:] + VARIANTS[:round_index % 3]
-        for variant in order:
-            model, optimizer = models[variant]
-            start, cpu_start = time.perf_counter(), time.process_time()
-            train_step(model, optimizer, ids)
-            wall[variant].append(time.perf_counter() - start)
-            cpu[variant].append(time.process_time() - cpu_start)
-        print(f"round {round_index + 1}: " + "  ".join(
-            f"{v} {wall[v][-1]:.2f}s wall {cpu[v][-1]:.2f}s cpu" for v in VARIANTS), flush=True)
+    timed = timed_rounds(models, ids, args.rounds)
     summary, ratios = {}, {}
-    for clock, measured in (("wall", wall), ("cpu", cpu)):
-        summary[clock] = {v: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "all_s": t}
-                          for v, t in measured.items()}
+    for clock, measured in timed.items():
+        summary[clock] = timing_summary(measured)
         ratios[clock] = {
             other: [a / b for a, b in zip(measured["ours_lean"], measured[other], strict=True)]
             for other in ("peft_lora", "ours")

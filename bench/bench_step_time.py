@@ -12,11 +12,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import matplotlib
 import torch
-from common import LABELS, RESULTS, VARIANTS, adapted, base_model, batch, save_result, train_step
+from common import (
+    LABELS,
+    RESULTS,
+    VARIANTS,
+    adapted,
+    base_model,
+    batch,
+    save_result,
+    timed_rounds,
+    timing_summary,
+    train_step,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -45,22 +55,10 @@ def main() -> None:
     if args.profile:
         profile(models, ids)
         return
-    times = {variant: [] for variant in VARIANTS}
-    cpu_times = {variant: [] for variant in VARIANTS}
-    for round_index in range(args.rounds):
-        order = VARIANTS[round_index % 3:] + VARIANTS[:round_index % 3]
-        for variant in order:
-            model, optimizer = models[variant]
-            start, cpu_start = time.perf_counter(), time.process_time()
-            train_step(model, optimizer, ids)
-            times[variant].append(time.perf_counter() - start)
-            cpu_times[variant].append(time.process_time() - cpu_start)
-        print(f"round {round_index + 1}: " + "  ".join(
-            f"{v} {times[v][-1]:.2f}s wall {cpu_times[v][-1]:.2f}s cpu" for v in VARIANTS), flush=True)
+    timed = timed_rounds(models, ids, args.rounds)
     summary, ratios = {}, {}
-    for clock, measured in (("wall", times), ("cpu", cpu_times)):
-        summary[clock] = {v: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "all_s": t}
-                          for v, t in measured.items()}
+    for clock, measured in timed.items():
+        summary[clock] = timing_summary(measured)
         ratios[clock] = [ours / lora for ours, lora in zip(measured["ours"], measured["peft_lora"], strict=True)]
         for variant, row in summary[clock].items():
             print(f"{clock:<5}{LABELS[variant]:<28} median {row['median_s']:.2f}s  range {row['min_s']:.2f}-"
@@ -70,7 +68,7 @@ def main() -> None:
     name = f"step_time_{args.threads}thread" if args.threads else "step_time"
     path = save_result(name, {"rounds": args.rounds, "variants": summary, "ratio_ours_over_peft_lora": ratios})
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for axis, (clock, measured) in zip(axes, (("wall", times), ("process CPU", cpu_times)), strict=True):
+    for axis, (clock, measured) in zip(axes, (("wall", timed["wall"]), ("process CPU", timed["cpu"])), strict=True):
         for variant in VARIANTS:
             axis.plot(range(1, args.rounds + 1), measured[variant], marker="o", label=LABELS[variant])
         axis.set(xlabel="round", ylabel=f"training step, {clock} time (s)")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import peft
@@ -89,3 +91,26 @@ def save_result(name: str, result: dict) -> Path:
     result = {"command": "python " + " ".join(sys.argv), "machine": machine(), **result}
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def timed_rounds(models: dict, ids: torch.Tensor, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """{"wall"|"cpu": {variant: [seconds per round]}}: one training step of every variant per round, the
+    order rotating each round so no variant always runs first."""
+    variants = list(models)
+    times = {"wall": {v: [] for v in variants}, "cpu": {v: [] for v in variants}}
+    for round_index in range(rounds):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            model, optimizer = models[variant]
+            start, cpu_start = time.perf_counter(), time.process_time()
+            train_step(model, optimizer, ids)
+            times["wall"][variant].append(time.perf_counter() - start)
+            times["cpu"][variant].append(time.process_time() - cpu_start)
+        print(f"round {round_index + 1}: " + "  ".join(
+            f"{v} {times['wall'][v][-1]:.2f}s wall {times['cpu'][v][-1]:.2f}s cpu" for v in variants), flush=True)
+    return times
+
+
+def timing_summary(measured: dict[str, list[float]]) -> dict:
+    return {v: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "all_s": t}
+            for v, t in measured.items()}
