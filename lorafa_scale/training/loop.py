@@ -370,21 +370,19 @@ def train(args: TrainArgs) -> int:
                 metrics.log({"step": step, "eval_loss": eval_loss})
                 if main:
                     progress.write(f"step {step}: validation loss {eval_loss:.4f}")
-            if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
+            diverged = state["nonfinite_in_a_row"] >= args.max_nonfinite_steps
+            if diverged or stop:
                 path = checkpoint_now()
+                if diverged:
+                    exit_code = EXIT_DIVERGED
+                    message = (f"stopped at step {step}: {state['nonfinite_in_a_row']} steps in a row had a "
+                               f"non-finite loss (lower --lr, or check the data); last good state saved to {path}")
+                else:
+                    exit_code = EXIT_PREEMPTED
+                    message = (f"stop signal received; checkpoint at step {step} saved to {path}; exiting with "
+                               f"code {EXIT_PREEMPTED} (continue with --resume auto --output-dir {output})")
                 if main:
-                    print(f"lorafa-scale: stopped at step {step}: {state['nonfinite_in_a_row']} steps in a row had "
-                          f"a non-finite loss (lower --lr, or check the data); last good state saved to {path}",
-                          file=sys.stderr)
-                exit_code = EXIT_DIVERGED
-                break
-            if stop:
-                path = checkpoint_now()
-                if main:
-                    print(f"lorafa-scale: stop signal received; checkpoint at step {step} saved to {path}; "
-                          f"exiting with code {EXIT_PREEMPTED} (continue with --resume auto --output-dir {output})",
-                          file=sys.stderr)
-                exit_code = EXIT_PREEMPTED
+                    print(f"lorafa-scale: {message}", file=sys.stderr)
                 break
             if args.save_every and step % args.save_every == 0:
                 checkpoint_now()
