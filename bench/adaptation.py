@@ -10,7 +10,8 @@ learning rate is the grid value with the lowest final held-out loss averaged ove
 
 Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga"), peft-eva (EVA),
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
-on the first --calib-batches training batches; NOT BUILT YET, see BENCHMARKS.md). Results: bench/results/adaptation.json and
+by lorafa_scale.calibrate on the first --calib-batches training batches), and the ablation ours-k<k>-gradient
+(calibrate(..., whiten=False): unit rows along the raw gradient's singular vectors, LoRA-GA's directions). Results: bench/results/adaptation.json and
 bench/results/adaptation.png (held-out loss curves at each method's best rate).
 """
 
@@ -114,15 +115,13 @@ def build(method: str, base, batches, calib_batches: int, lr: float, seed: int):
         peft.initialize_lora_eva_weights(model, calib, show_progress_bar=False)
     elif method.startswith("peft-"):
         model = peft.get_peft_model(model, peft_config())
-    else:
-        k = int(method.removeprefix("ours-k"))
-        config = lorafa_scale.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", fast_adapter_rank=k,
-                                         task_type="CAUSAL_LM")
+    else:  # ours-k<k>, or ours-k<k>-gradient: the ablation with G's own singular vectors as unit rows
+        k, _, variant = method.removeprefix("ours-k").partition("-")
+        config = lorafa_scale.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
+                                         fast_adapter_rank=int(k), task_type="CAUSAL_LM")
         model = lorafa_scale.get_peft_model(model, config)
-        if k:
-            if not hasattr(model, "calibrate"):  # issue 12: the calibration of fast rows is not built yet
-                raise SystemExit("adaptation: ours-k>0 needs fast_adapter_rank calibration, not built yet")
-            model.calibrate(calib)
+        if int(k):
+            lorafa_scale.calibrate(model, calib, whiten=variant != "gradient")
     seconds = time.perf_counter() - start
     if method == "peft-lorafa":
         from peft.optimizers import create_lorafa_optimizer

@@ -5,6 +5,7 @@
 
 from .config import ConfigError, LoraConfig, LoraFAConfig
 from .engines import load_sharded_model, save_sharded_adapter, wrap_sharded_model
+from .fast_adapter import CalibrationReport, calibrate
 from .layer import LoraFAFunction, LoraFALinear
 from .model import LoraFAModel, PeftModel, get_lorafa_model, get_peft_model
 from .peft_format import AdapterFormatError
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFormatError",
+    "CalibrationReport",
     "ConfigError",
     "LoraConfig",
     "LoraFAConfig",
@@ -20,6 +22,7 @@ __all__ = [
     "LoraFALinear",
     "LoraFAModel",
     "PeftModel",
+    "calibrate",
     "get_lorafa_model",
     "get_peft_model",
     "load_sharded_model",

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from . import peft_format
+from . import fast_adapter, peft_format
 from .backends import find_backend
 from .backends.bnb import stored_numel
 from .config import ConfigError, LoraFAConfig
@@ -187,6 +187,8 @@ class LoraFAModel(nn.Module):
         nn.Module.__init__(self)  # not super(): PeftModel's __init__ (next in the MRO) would inject PEFT's layers
         self.base_model = LoraFATuner(model, config)
         self.peft_config = {ADAPTER_NAME: config}
+        # False until calibrate() sets the fast rows of A or an adapter is loaded (fast_adapter.py).
+        self.fast_rows_calibrated = config.fast_adapter_rank == 0
 
     # PeftModel defines these as properties; ours are plain values (one adapter, always active).
     @property
@@ -234,6 +236,8 @@ class LoraFAModel(nn.Module):
         return self.peft_config["default"]
 
     def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and not self.fast_rows_calibrated:
+            fast_adapter.warn_if_uncalibrated(self)
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -336,6 +340,7 @@ class LoraFAModel(nn.Module):
                 param.copy_(tensor)
         for layer in self.lora_layers():
             layer.refresh_b_grad_correction()
+        self.fast_rows_calibrated = True  # A comes from the file, calibrated or not when it was saved
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = ADAPTER_NAME, is_trainable: bool = False,

@@ -75,7 +75,7 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def _gathered(params, modifier_rank=None):
+def gathered(params, modifier_rank=None):
     """GatheredParameters over the ZeRO-3 parameters among `params` (a no-op for the others)."""
     import deepspeed
 
@@ -163,10 +163,10 @@ def init_partitioned_adapters(model: LoraFAModel) -> None:
         weights = [layer.lora_A.weight, layer.lora_B.weight]
         if not is_partitioned(weights[0]) or getattr(layer, "partitioned_init_done", False):
             continue
-        with _gathered(weights, modifier_rank=0):
+        with gathered(weights, modifier_rank=0):
             if rank == 0:
                 layer.reset_lora_parameters(init)
-        with _gathered([layer.lora_A.weight]):
+        with gathered([layer.lora_A.weight]):
             layer.refresh_b_grad_correction()
         layer.partitioned_init_done = True
 
@@ -175,7 +175,7 @@ def init_partitioned_adapters(model: LoraFAModel) -> None:
 def refresh_corrections(model: LoraFAModel) -> None:
     """Collective: recompute each layer's B-gradient correction from its (gathered) A."""
     for layer in model.lora_layers():
-        with _gathered([layer.lora_A.weight]):
+        with gathered([layer.lora_A.weight]):
             layer.refresh_b_grad_correction()
 
 
@@ -290,7 +290,7 @@ def adapter_state_dict(engine_or_model, frozen_only: bool = False, rank0_only: b
         owned = hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping")  # set by deepspeed.initialize
         master = safe_get_full_fp32_param(param) if param.requires_grad and owned else None
         if master is None:
-            with _gathered([param]):
+            with gathered([param]):
                 master = param.detach().float().clone() if keep else None
         if keep:
             state[key] = master.to("cpu", torch.float32)
@@ -340,7 +340,7 @@ def load_checkpoint(engine, directory, tag: str = ENGINE_TAG) -> dict:
     _, client_state = engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
     params = model.adapter_state_dict()
     for key, tensor in frozen.items():
-        with _gathered([params[key]], modifier_rank=0):
+        with gathered([params[key]], modifier_rank=0):
             params[key].copy_(tensor)
     refresh_corrections(model)
     return client_state
