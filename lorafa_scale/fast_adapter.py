@@ -108,6 +108,8 @@ class GradientSketch:
         core = torch.linalg.lstsq(self.psi.double() / w[None, :] @ q, self.corange.double()).solution
         u = torch.linalg.svd(core, full_matrices=False).U  # (l x l), singular values descending
         directions = q @ u[:, : self.k]  # (in x k), orthonormal, in whitened coordinates
+        # a sign convention (largest entry positive), so that float-level differences never flip a row
+        directions *= directions.gather(0, directions.abs().argmax(0, keepdim=True)).sign()
         return (directions * w[:, None] * scale.sqrt()).T.float()
 
 

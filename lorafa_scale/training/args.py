@@ -50,6 +50,7 @@ class TrainArgs:
     lora_dropout: float
     target_modules: list[str]
     fast_adapter_rank: int
+    calibration_batches: int
     quantization: str
     dtype: str
     gradient_checkpointing: bool
@@ -115,7 +116,10 @@ def build_parser(prog: str = "lorafa-scale train") -> argparse.ArgumentParser:
     add("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
     add("--target-modules", nargs="+", default=["all-linear"],
         help="layer names to adapt (e.g. q_proj v_proj), or all-linear")
-    add("--fast-adapter-rank", type=int, default=0, help="rows of A meant to be initialised from data (0..r)")
+    add("--fast-adapter-rank", type=int, help="rows of A calibrated from training batches before step 0 "
+        "(0..r; default: r, every row; 0: all rows random)")
+    add("--calibration-batches", type=int, default=4,
+        help="global training batches the calibration of fast rows runs on (forward + backward each)")
     add("--quantization", default="none", choices=QUANTIZATION_CHOICES, help="load the base model quantized")
     add("--dtype", default="auto", choices=DTYPE_CHOICES,
         help="base model dtype (auto: bfloat16 on a GPU that supports it, else float32)")
@@ -182,7 +186,9 @@ def _check(args: TrainArgs, world_size: int) -> None:
         value = getattr(args, name)
         if value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "max_grad_norm"):
+    if not 0 <= args.fast_adapter_rank <= args.r:
+        raise ConfigError(f"--fast-adapter-rank must be between 0 and --r {args.r}, got {args.fast_adapter_rank}")
+    for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "max_grad_norm", "calibration_batches"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps <= 0:
@@ -231,6 +237,8 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None,
         namespace.output_dir = os.environ[ENV_OUTPUT_DIR]
     if namespace.global_batch_size is None:
         namespace.global_batch_size = namespace.micro_batch_size * world_size
+    if namespace.fast_adapter_rank is None:
+        namespace.fast_adapter_rank = namespace.r
     args = TrainArgs(**vars(namespace))
     _check(args, world_size)
     if args.dtype == "auto":

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..cli_args import quiet_third_party
 from ..config import ConfigError, LoraFAConfig
 from ..engines.strategy import CLIENT_STATE_NAME, Strategy, make_strategy, read_client_state, strategy_name
+from ..fast_adapter import calibrate
 from ..lean import is_lean
 from ..model import get_peft_model
 from ..peft_format import AdapterFormatError
@@ -191,6 +192,18 @@ def token_loss_sum(module, batch: dict, device) -> torch.Tensor:
                            reduction="sum")
 
 
+def calibrate_fast_rows(module, strategy: Strategy, schedule: BatchSchedule, batches: int) -> None:
+    """Collective: set the fast rows of A from the first `batches` training steps' micro-batches."""
+    micro_batches = [b for step in range(batches) for b in schedule.micro_batches(step, strategy.rank,
+                                                                                 strategy.world_size)]
+    report = calibrate(module, micro_batches, loss_fn=lambda m, b: token_loss_sum(m, b, strategy.device),
+                       progress=strategy.is_main())
+    if strategy.is_main():
+        print(f"lorafa-scale: calibrated {report.fast_rows} fast rows of A in {report.layers} layers on {batches} "
+              f"training batches ({report.batches} micro-batches, {report.tokens:,d} tokens) in "
+              f"{report.seconds:.1f} s", flush=True)
+
+
 def forward_backward(module, strategy: Strategy, micro_batches, stop_requested: bool) -> tuple[float, int, bool]:
     """Collective: the forward and backward passes of one optimizer step on every rank.
 
@@ -316,8 +329,7 @@ def train(args: TrainArgs) -> int:
     state = {"step": 0, "skipped_steps": 0, "nonfinite_in_a_row": 0}
     if checkpoint is not None:
         state.update({k: v for k, v in load_checkpoint(strategy, checkpoint).items() if k in state})
-    else:
-        torch.manual_seed(args.seed * 1000 + strategy.rank)  # dropout; restored from checkpoints on resume
+        model.fast_rows_calibrated = True  # A (calibrated or not) comes from the checkpoint: never recalibrate
     if main:
         output.mkdir(parents=True, exist_ok=True)
         (output / RUN_CONFIG_NAME).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
@@ -330,6 +342,10 @@ def train(args: TrainArgs) -> int:
               f"micro {args.micro_batch_size} x accum {args.grad_accum} x {strategy.world_size} = global "
               f"{args.global_batch_size} | {data.summary(args.seq_len)} | steps {state['step']}->{total_steps}"
               + (f" (resumed from {checkpoint})" if checkpoint else "") + f" | memory {_memory()}", flush=True)
+    if checkpoint is None:
+        if args.fast_adapter_rank and args.calibration_batches:
+            calibrate_fast_rows(module, strategy, schedule, args.calibration_batches)
+        torch.manual_seed(args.seed * 1000 + strategy.rank)  # dropout; restored from checkpoints on resume
 
     def checkpoint_now():
         client_state = dict(state, epoch=schedule.epoch_of(state["step"]), args=args.to_dict())

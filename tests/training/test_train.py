@@ -134,13 +134,31 @@ def test_resume_after_sigterm_and_sigusr1_matches_an_uninterrupted_run(tmp_path)
     assert any(k.endswith("lora_B.weight") and got[k].abs().sum() > 0 for k in got)
 
 
+def test_resume_keeps_the_calibrated_a_bit_for_bit_and_never_recalibrates(tmp_path):
+    out, calibrated = tmp_path / "run", ["--fast-adapter-rank", "4", "--calibration-batches", "2"]
+    first = run_train("--output-dir", out, *SHORT, "--max-steps", "3", *calibrated)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "lorafa-scale: calibrated 4 fast rows of A in 28 layers on 2 training batches (4 micro" in first.stdout
+    a_after_calibration = {k: v for k, v in adapter(out).items() if ".lora_A." in k}
+    checkpointed = load_file(str(next((out / "checkpoints").iterdir()) / "adapter_model.safetensors"))
+    resumed = run_train("--output-dir", out, "--resume", "auto", *SHORT, "--max-steps", "6", *calibrated)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "calibrated" not in resumed.stdout + resumed.stderr  # neither recalibrated nor warned
+    assert max(losses(out)) == 6
+    final = adapter(out)
+    assert all(torch.equal(final[k], a) for k, a in a_after_calibration.items())
+    assert all(torch.equal(checkpointed[k], a) for k, a in a_after_calibration.items())  # the checkpoint holds it
+
+
 def _in_process(out, *options) -> int:
     return loop.main(["--output-dir", str(out), *map(str, options)])
 
 
 def test_gradient_accumulation_equals_a_large_micro_batch(tmp_path):
+    # a random A: calibration on differently shaped micro-batches differs by float rounding, which the tiny
+    # model's flat gradient spectrum amplifies in the fast rows' directions
     common = ["--max-steps", "4", "--global-batch-size", "4", "--seq-len", "64", "--lora-dropout", "0",
-              "--save-every", "0", "--lr", "1e-2"]
+              "--save-every", "0", "--lr", "1e-2", "--fast-adapter-rank", "0"]
     assert _in_process(tmp_path / "accum", "--micro-batch-size", "1", *common) == 0
     assert _in_process(tmp_path / "micro", "--micro-batch-size", "4", *common) == 0
     accum, micro = losses(tmp_path / "accum"), losses(tmp_path / "micro")
@@ -219,6 +237,8 @@ def model_dir(tmp_path_factory):
         (lambda d, m: ["--config", d / "ds.json"], "{d}/ds.json: invalid JSON at line 1"),
         (lambda d, m: ["--epoch", "2"], "unknown option --epoch; did you mean --epochs?"),
         (lambda d, m: ["--resume", d], "{d}: not a checkpoint for 1 process"),
+        (lambda d, m: ["--r", "8", "--fast-adapter-rank", "9"], "--fast-adapter-rank must be between 0 and --r 8"),
+        (lambda d, m: ["--calibration-batches", "-1"], "--calibration-batches must not be negative"),
     ],
 )
 def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, model_dir, capsys, make_options, message):
