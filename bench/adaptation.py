@@ -36,6 +36,7 @@ from lorafa_scale.jobs.planner import measure_kept
 
 RESULTS = Path(__file__).resolve().parent / "results"
 R, ALPHA, BATCH, HELDOUT = 16, 32, 8, 64
+DEFAULT_LR = 2e-3  # launch/train.py's --lr default
 METHODS = ["peft-lora", "peft-lora-ga", "peft-eva", "peft-lorafa", "ours-k0", "ours-k4", "ours-k16"]
 
 
@@ -77,7 +78,7 @@ def exact_match(model, tokenizer, heldout) -> float:
     model.eval()
     tokenizer.padding_side = "left"
     prompts = tokenizer([f"Q: {ex.prompt}\nA:" for ex in heldout], return_tensors="pt", padding=True)
-    out = model.generate(**prompts, max_new_tokens=14, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+    out = model.generate(**prompts, max_new_tokens=14, do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     answers = tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)
     model.train()
@@ -200,28 +201,74 @@ def run(args) -> dict:
     return results
 
 
-def summarize(results: dict, eval_every: int) -> str:
-    """Per task and method: best lr (lowest mean final held-out loss), final loss and EM mean over seeds."""
-    lines = []
-    runs = results["runs"]
+def best_runs(runs: list[dict], task: str, method: str) -> tuple[float, list[dict]]:
+    """(best lr, its runs): the grid value with the lowest final held-out loss averaged over the seeds."""
+    by_lr: dict[float, list[dict]] = {}
+    for r in runs:
+        if r["task"] == task and r["method"] == method:
+            by_lr.setdefault(r["lr"], []).append(r)
+    best = min(by_lr, key=lambda lr: statistics.mean(r["curve"][-1] for r in by_lr[lr]))
+    return best, by_lr[best]
+
+
+def mean_curve(runs: list[dict]) -> list[float]:
+    return [statistics.mean(values) for values in zip(*(r["curve"] for r in runs), strict=True)]
+
+
+def summarize(results: dict, eval_every: int, default_lr: float = DEFAULT_LR) -> str:
+    """A markdown table per task: each method at its best lr (mean over seeds), and at the trainer's default lr."""
+    runs, lines = results["runs"], []
+    kept = results.get("kept_bytes", {})
     for task in sorted({r["task"] for r in runs}):
-        lines.append(f"\n{task}: method | best lr | final held-out loss (mean of seeds) | curve | EM")
-        for method in [m for m in METHODS + sorted({r["method"] for r in runs}) if any(
-                r["method"] == m and r["task"] == task for r in runs)]:
-            if any(line.startswith(f"  {method:14s}") for line in lines[-20:]):
-                continue
-            by_lr = {}
-            for r in runs:
-                if r["task"] == task and r["method"] == method:
-                    by_lr.setdefault(r["lr"], []).append(r)
-            best = min(by_lr, key=lambda lr: statistics.mean(r["curve"][-1] for r in by_lr[lr]))
-            chosen = by_lr[best]
-            curve = [statistics.mean(vals) for vals in zip(*(r["curve"] for r in chosen), strict=True)]
+        methods = [m for m in METHODS + sorted({r["method"] for r in runs} - set(METHODS))
+                   if any(r["method"] == m and r["task"] == task for r in runs)]
+        target = mean_curve(best_runs(runs, task, "peft-lora")[1])[-1] if "peft-lora" in methods else None
+        lines += [f"\n{task} (held-out loss at steps 0, {eval_every}, {2 * eval_every}, ...; mean of seeds)\n",
+                  "| method | best lr | seeds | held-out loss curve | final | steps to PEFT LoRA's final | "
+                  f"exact match | loss at lr {default_lr:g} | calibration s | kept for backward MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for method in methods:
+            best, chosen = best_runs(runs, task, method)
+            curve = mean_curve(chosen)
+            reached = next((i * eval_every for i, v in enumerate(curve) if target is not None and v <= target), None)
             em = [r["exact_match"] for r in chosen if "exact_match" in r]
-            lines.append(f"  {method:14s} {best:8g} {curve[-1]:.3f} (n={len(chosen)}) | "
-                         + " ".join(f"{v:.3f}" for v in curve)
-                         + (f" | EM {statistics.mean(em):.2f}" if em else ""))
+            at_default = [r["curve"][-1] for r in runs
+                          if r["task"] == task and r["method"] == method and r["lr"] == default_lr]
+            calib = statistics.mean(r["calib_seconds"] for r in chosen)
+            lines.append(
+                f"| {method} | {best:g} | {len(chosen)} | " + " ".join(f"{v:.3f}" for v in curve)
+                + f" | **{curve[-1]:.3f}** | {reached if reached is not None else '>' + str((len(curve) - 1) * eval_every)}"
+                + f" | {statistics.mean(em):.2f} | "
+                + (f"{statistics.mean(at_default):.3f}" if at_default else "-")
+                + f" | {calib:.1f} | " + (f"{kept[method] / 2**20:.1f}" if method in kept else "-") + " |")
     return "\n".join(lines)
+
+
+def plot(results: dict, eval_every: int, path: Path) -> None:
+    """Held-out loss curves, each method at its best lr (mean over seeds), one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    tasks = sorted({r["task"] for r in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        present = {r["method"] for r in runs if r["task"] == task}
+        for method in [m for m in METHODS if m in present] + sorted(present - set(METHODS)):
+            best, chosen = best_runs(runs, task, method)
+            curve = mean_curve(chosen)
+            ax.plot([i * eval_every for i in range(len(curve))], curve, marker="o", ms=3,
+                    label=f"{method} (lr {best:g})", lw=2.2 if method.startswith("ours") else 1.2,
+                    ls="--" if method not in METHODS else "-")
+        ax.set_yscale("log")
+        ax.set_title(f"{task}: held-out loss, each method at its best lr")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
@@ -239,9 +286,21 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", action="store_true", help="also count the bytes kept for backward per method")
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out")
     parser.add_argument("--out", type=Path, default=RESULTS / "adaptation.json")
+    parser.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
+                        help="only merge these result files into --out, print the tables and plot")
     args = parser.parse_args(argv)
+    if args.summarize:
+        merged = [json.loads(path.read_text()) for path in args.summarize]
+        results = {"runs": [r for m in merged for r in m["runs"]]}
+        for m in merged:
+            results.setdefault("kept_bytes", {}).update(m.get("kept_bytes", {}))
+        args.out.write_text(json.dumps(results, indent=1))
+        print(summarize(results, args.eval_every))
+        plot(results, args.eval_every, args.out.with_suffix(".png"))
+        return 0
     results = run(args)
     print(summarize(results, args.eval_every))
+    plot(results, args.eval_every, args.out.with_suffix(".png"))
     return 0
 
 

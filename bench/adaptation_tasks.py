@@ -8,11 +8,17 @@
 
 Each example is `Q: <prompt>\nA:` followed by ` <answer>` and the end-of-turn token; the loss counts only
 the answer tokens. Examples are drawn from a seeded generator: the same seed gives the same data.
+
+As a chat dataset for launch/train.py (one user turn, one assistant turn; only the answer is trained):
+
+    python bench/adaptation_tasks.py labels 512 > labels.jsonl      # task, count[, seed]
 """
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 from dataclasses import dataclass
 
 MONTHS = 12
@@ -63,3 +69,10 @@ def make_split(task: str, count: int, seed: int, exclude: set[str] = frozenset()
             seen.add(example.prompt)
             out.append(example)
     return out
+
+
+if __name__ == "__main__":
+    task, count, *rest = sys.argv[1:]
+    for example in make_split(task, int(count), seed=int(rest[0]) if rest else 0):
+        print(json.dumps({"messages": [{"role": "user", "content": example.prompt},
+                                       {"role": "assistant", "content": example.answer}]}))

@@ -48,8 +48,8 @@ class LoraFAConfig:
     target_modules: list of module names (a module matches if its dotted path equals or ends with
     ".<name>"), a regex string matched against the whole path, or "all-linear" (every linear layer except
     the output head). use_fast_adapter: True freezes A (LoRA-FA); False trains A too (plain LoRA).
-    fast_adapter_rank: how many of A's r rows are meant to be initialised from data (0..r); reserved, all
-    rows are random for now. correct_b_grad: apply LoRA-FA's closed-form gradient correction to B.
+    fast_adapter_rank: how many of A's r rows `lorafa_scale.calibrate` sets from data (0..r; fast_adapter.py);
+    until it runs (or an adapter is loaded) every row is random. correct_b_grad: apply LoRA-FA's closed-form gradient correction to B.
     """
 
     r: int = 8

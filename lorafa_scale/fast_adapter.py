@@ -151,7 +151,9 @@ def _assign(param: torch.Tensor, full: torch.Tensor, layer: LoraFALinear) -> Non
 
 
 def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
+    """model(**batch).loss, the batch's tensors moved to the model's input embeddings' device."""
+    device = _lora_model(model).get_base_model().get_input_embeddings().weight.device
+    return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}).loss
 
 
 def calibrate(

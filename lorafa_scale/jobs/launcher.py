@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seq-len", type=int, help="tokens per example")
     group.add_argument("--r", type=int, help="adapter rank")
     group.add_argument("--lora-alpha", type=int, help="scaling numerator (s = lora_alpha / r)")
-    group.add_argument("--fast-adapter-rank", type=int, help="rows of A meant to be initialised from data")
+    group.add_argument("--fast-adapter-rank", type=int, help="rows of A calibrated from training batches before step 0")
     group.add_argument("--target-modules", nargs="+", help="layer names to adapt, or all-linear")
     group.add_argument("--lora-dropout", type=float, help="dropout on the adapter input")
     group.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,

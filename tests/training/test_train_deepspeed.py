@@ -23,8 +23,10 @@ from tests.training.test_train import ONE_THREAD, REPO, adapter, losses
 pytest.importorskip("deepspeed")
 
 # The same global batch of 8 and no dropout (each rank draws its own masks), so all runs compute the same.
+# A random A: calibrated rows sum their statistics over ranks in another order (a float-level difference that
+# ten steps at lr 1e-2 amplify past this test's tolerance); tests/training/test_same_seed.py covers them.
 SAME_STEPS = ["--max-steps", "10", "--micro-batch-size", "4", "--global-batch-size", "8", "--seq-len", "96",
-              "--lora-dropout", "0", "--save-every", "0", "--lr", "1e-2"]
+              "--lora-dropout", "0", "--save-every", "0", "--lr", "1e-2", "--fast-adapter-rank", "0"]
 ENV = dict(ONE_THREAD, DS_ACCELERATOR="cpu")
 
 
