@@ -107,7 +107,8 @@ def build_parser(prog: str = "lorafa-scale train") -> argparse.ArgumentParser:
     add("--seq-len", type=int, default=256, help="tokens per example; longer examples are truncated and counted")
     add("--packing", action=argparse.BooleanOptionalAction, default=False,
         help="pack short examples together into sequences of up to --seq-len tokens")
-    add("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, linear warmup then cosine decay)")
+    add("--lr", type=float, help="peak learning rate (AdamW, linear warmup then cosine decay; default: "
+        "2e-3 x 4^(-k/r) for --fast-adapter-rank k, i.e. 2e-3 with a random A and 5e-4 with every row calibrated)")
     add("--warmup-steps", type=int, default=0, help="linear warmup steps")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay on B")
     add("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = no clipping)")
@@ -216,6 +217,13 @@ def _check(args: TrainArgs, world_size: int) -> None:
         )
 
 
+def default_lr(fast_adapter_rank: int, r: int) -> float:
+    """The peak learning rate tied to how many rows of A are calibrated: each method's best rate measured on
+    SmolLM2-135M-Instruct (BENCHMARKS.md section 8) was 2e-3 with a random A and 5e-4 with every row calibrated
+    (those rows all point where the loss falls, so each step moves the output further); log-linear between."""
+    return 2e-3 * 4.0 ** (-min(max(fast_adapter_rank, 0), r) / r)
+
+
 def parse_args(argv: list[str] | None = None, world_size: int | None = None,
                prog: str = "lorafa-scale train") -> TrainArgs:
     """Parse and check the options; world_size defaults to $WORLD_SIZE (set by every launcher)."""
@@ -239,6 +247,8 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None,
         namespace.global_batch_size = namespace.micro_batch_size * world_size
     if namespace.fast_adapter_rank is None:
         namespace.fast_adapter_rank = namespace.r
+    if namespace.lr is None and isinstance(namespace.fast_adapter_rank, int) and namespace.r > 0:
+        namespace.lr = default_lr(namespace.fast_adapter_rank, namespace.r)
     args = TrainArgs(**vars(namespace))
     _check(args, world_size)
     if args.dtype == "auto":
