@@ -33,10 +33,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorafa_scale
 from lorafa_scale.jobs.planner import measure_kept
+from lorafa_scale.training.args import default_lr
 
 RESULTS = Path(__file__).resolve().parent / "results"
 R, ALPHA, BATCH, HELDOUT = 16, 32, 8, 64
-DEFAULT_LR = 2e-3  # launch/train.py's --lr default
+DEFAULT_LR = 2e-3  # launch/train.py's --lr default with a random A (--fast-adapter-rank 0)
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # = "all-linear"
 METHODS = ["peft-lora", "peft-lora-ga", "peft-eva", "peft-lorafa", "ours-k0", "ours-k4", "ours-k16"]
 
 
@@ -89,12 +91,13 @@ def exact_match(model, tokenizer, heldout) -> float:
 def peft_config(**extra):
     import peft
 
-    return peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
+    # the names, not "all-linear": PEFT's LoRA-GA preprocessing matches target_modules literally
+    return peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=LLAMA_LINEAR,
                            task_type="CAUSAL_LM", **extra)
 
 
-def build(method: str, base, batches, calib_batches: int, lr: float, seed: int):
-    """(model, optimizer, calibration seconds) for `method`, its adapters drawn from `seed`."""
+def build(method: str, base, batches, calib_batches: int, seed: int):
+    """(model, calibration seconds) for `method`, its adapters drawn from `seed` and initialised (B untrained)."""
     import peft
 
     torch.manual_seed(seed)
@@ -123,14 +126,15 @@ def build(method: str, base, batches, calib_batches: int, lr: float, seed: int):
         model = lorafa_scale.get_peft_model(model, config)
         if int(k):
             lorafa_scale.calibrate(model, calib, whiten=variant != "gradient")
-    seconds = time.perf_counter() - start
+    return model, time.perf_counter() - start
+
+
+def make_optimizer(method: str, model, lr: float):
     if method == "peft-lorafa":
         from peft.optimizers import create_lorafa_optimizer
 
-        optimizer = create_lorafa_optimizer(model, r=R, lora_alpha=ALPHA, lr=lr)
-    else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    return model, optimizer, seconds
+        return create_lorafa_optimizer(model, r=R, lora_alpha=ALPHA, lr=lr)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
 def kept_bytes(model, batch) -> int:
@@ -175,10 +179,14 @@ def run(args) -> dict:
         for seed in args.seeds:
             batches, heldout, heldout_batch = task_data(task, args.steps, seed, tokenizer)
             for method in args.methods:
+                initialised = None  # the init does not depend on lr: built once per (method, seed), copied per lr
                 for lr in args.lrs:
                     if (task, method, lr, seed) in done:
                         continue
-                    model, optimizer, calib_seconds = build(method, base, batches, args.calib_batches, lr, seed)
+                    if initialised is None:
+                        initialised, calib_seconds = build(method, base, batches, args.calib_batches, seed)
+                    model = copy.deepcopy(initialised)
+                    optimizer = make_optimizer(method, model, lr)
                     started = time.perf_counter()
                     curve = train(model, optimizer, batches, heldout_batch, args.eval_every, args.warmup)
                     record = dict(task=task, method=method, lr=lr, seed=seed, curve=curve,
@@ -195,7 +203,7 @@ def run(args) -> dict:
         batch = task_data(args.tasks[0], 1, 0, tokenizer)[0][0]
         results["kept_bytes"] = {}
         for method in args.methods:
-            model, _, _ = build(method, base, [batch], 1, 1e-4, 0)
+            model, _ = build(method, base, [batch], 1, 0)
             results["kept_bytes"][method] = kept_bytes(model, batch)
         args.out.write_text(json.dumps(results, indent=1))
     return results
@@ -215,7 +223,14 @@ def mean_curve(runs: list[dict]) -> list[float]:
     return [statistics.mean(values) for values in zip(*(r["curve"] for r in runs), strict=True)]
 
 
-def summarize(results: dict, eval_every: int, default_lr: float = DEFAULT_LR) -> str:
+def trainer_default_lr(method: str) -> float:
+    """launch/train.py's default --lr for ours with fast_adapter_rank k; its random-A default for the others."""
+    if method.startswith("ours-k"):
+        return default_lr(int(method.removeprefix("ours-k").partition("-")[0]), R)
+    return DEFAULT_LR
+
+
+def summarize(results: dict, eval_every: int) -> str:
     """A markdown table per task: each method at its best lr (mean over seeds), and at the trainer's default lr."""
     runs, lines = results["runs"], []
     kept = results.get("kept_bytes", {})
@@ -225,21 +240,22 @@ def summarize(results: dict, eval_every: int, default_lr: float = DEFAULT_LR) ->
         target = mean_curve(best_runs(runs, task, "peft-lora")[1])[-1] if "peft-lora" in methods else None
         lines += [f"\n{task} (held-out loss at steps 0, {eval_every}, {2 * eval_every}, ...; mean of seeds)\n",
                   "| method | best lr | seeds | held-out loss curve | final | steps to PEFT LoRA's final | "
-                  f"exact match | loss at lr {default_lr:g} | calibration s | kept for backward MiB |",
+                  "exact match | at the trainer's default lr | calibration s | kept for backward MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for method in methods:
             best, chosen = best_runs(runs, task, method)
             curve = mean_curve(chosen)
             reached = next((i * eval_every for i, v in enumerate(curve) if target is not None and v <= target), None)
             em = [r["exact_match"] for r in chosen if "exact_match" in r]
-            at_default = [r["curve"][-1] for r in runs
-                          if r["task"] == task and r["method"] == method and r["lr"] == default_lr]
+            default = trainer_default_lr(method)
+            at_default = [r["curve"][-1] for r in runs if r["task"] == task and r["method"] == method
+                          and math.isclose(r["lr"], default, rel_tol=1e-6)]
             calib = statistics.mean(r["calib_seconds"] for r in chosen)
             lines.append(
                 f"| {method} | {best:g} | {len(chosen)} | " + " ".join(f"{v:.3f}" for v in curve)
                 + f" | **{curve[-1]:.3f}** | {reached if reached is not None else '>' + str((len(curve) - 1) * eval_every)}"
                 + f" | {statistics.mean(em):.2f} | "
-                + (f"{statistics.mean(at_default):.3f}" if at_default else "-")
+                + (f"{statistics.mean(at_default):.3f} (lr {default:g})" if at_default else f"- (lr {default:.3g})")
                 + f" | {calib:.1f} | " + (f"{kept[method] / 2**20:.1f}" if method in kept else "-") + " |")
     return "\n".join(lines)
 
@@ -291,7 +307,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.summarize:
         merged = [json.loads(path.read_text()) for path in args.summarize]
-        results = {"runs": [r for m in merged for r in m["runs"]]}
+        results = {"runs": [r for m in merged for r in m["runs"] if r["lr"] in args.lrs]}  # the grid asked for
         for m in merged:
             results.setdefault("kept_bytes", {}).update(m.get("kept_bytes", {}))
         args.out.write_text(json.dumps(results, indent=1))

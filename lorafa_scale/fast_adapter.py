@@ -10,8 +10,8 @@ G = sum_t g_t x_t^T (out x in; g_t = dL/dy_t). An update of B moves W by s dB A,
 coordinate of B by about the learning rate, so row a_j of A moves the output by about lr * |a_j . x|: a
 row's per-token projection size acts as that row's learning rate. Rows taken straight from G's top right
 singular vectors (LoRA-GA's choice) point along the few high-variance input dimensions and so get a much
-larger step than random rows (measured: they want a 5x smaller learning rate, and mixed with random rows
-no one rate suits both). So the statistic is the *whitened* gradient M = G D^-1/2, with D the mean square
+larger step than random rows (the issue's trial: they wanted a 5x smaller learning rate, and mixed with
+random rows no one rate suited both). So the statistic is the *whitened* gradient M = G D^-1/2, with D the mean square
 of each input dimension over the tokens the loss depends on: its top right singular vectors v_j are the
 directions of steepest descent per unit of output change (a diagonal Gauss-Newton / Adam-like metric),
 and the rows a_j = sqrt(mean D) D^-1/2 v_j have, like a random unit row, a projection of RMS about
