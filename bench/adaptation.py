@@ -204,6 +204,7 @@ def run(args) -> dict:
         results["kept_bytes"] = {}
         for method in args.methods:
             model, _ = build(method, base, [batch], 1, 0)
+            make_optimizer(method, model, 1e-4)  # PEFT's LoRA-FA optimizer is what freezes its A
             results["kept_bytes"][method] = kept_bytes(model, batch)
         args.out.write_text(json.dumps(results, indent=1))
     return results
@@ -254,7 +255,7 @@ def summarize(results: dict, eval_every: int) -> str:
             lines.append(
                 f"| {method} | {best:g} | {len(chosen)} | " + " ".join(f"{v:.3f}" for v in curve)
                 + f" | **{curve[-1]:.3f}** | {reached if reached is not None else '>' + str((len(curve) - 1) * eval_every)}"
-                + f" | {statistics.mean(em):.2f} | "
+                + (f" | {statistics.mean(em):.2f} | " if em else " | - | ")
                 + (f"{statistics.mean(at_default):.3f} (lr {default:g})" if at_default else f"- (lr {default:.3g})")
                 + f" | {calib:.1f} | " + (f"{kept[method] / 2**20:.1f}" if method in kept else "-") + " |")
     return "\n".join(lines)
@@ -307,7 +308,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.summarize:
         merged = [json.loads(path.read_text()) for path in args.summarize]
-        results = {"runs": [r for m in merged for r in m["runs"] if r["lr"] in args.lrs]}  # the grid asked for
+        results = {"runs": [r for m in merged for r in m["runs"]  # the grid, seeds and methods asked for
+                            if r["lr"] in args.lrs and r["seed"] in args.seeds and r["method"] in args.methods]}
         for m in merged:
             results.setdefault("kept_bytes", {}).update(m.get("kept_bytes", {}))
         args.out.write_text(json.dumps(results, indent=1))
