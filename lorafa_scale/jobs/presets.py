@@ -2,8 +2,9 @@
 
 `GEOMETRIES` holds the fields of each model's Hugging Face config.json that decide memory and compute
 (the memory planner reads them too). `get_preset(name, **overrides)` returns the training settings for a
-model: rank, alpha and fast_adapter_rank follow the "Optimal Settings by Model Size" table
-(<1B r16/a32/fast4, 1B-7B r32/a64/fast8, 7B-13B r48/a96/fast12, >13B r64/a128/fast16), plus the
+model: rank and alpha follow the "Optimal Settings by Model Size" table (<1B r16/a32, 1B-7B r32/a64, 7B-13B
+r48/a96, >13B r64/a128); fast_adapter_rank is r, not the table's r/4 (BENCHMARKS.md section 8: k = r/4
+learned worse than a random A, k = r best), plus the
 DeepSpeed config, micro batch, sequence length and gradient checkpointing; every field is overridable.
 """
 
@@ -90,16 +91,16 @@ class SizeDefaults:
 
 # (smallest nominal size in billions, defaults). Nominal sizes from 1B up are whole billions (see
 # nominal_billions), so the seed's rows "<1B", "1B-7B", "7B-13B", ">13B" start at 0, 1, 7 and 14; a 7B model
-# takes the 7B-13B row, whose name it shares with 1B-7B. Rank/alpha/fast rank: the seed's table. Below 7B the
+# takes the 7B-13B row, whose name it shares with 1B-7B. Rank/alpha: the seed's table; fast rank r (module doc). Below 7B the
 # bf16 base (< 14 GB) fits on every GPU, so ZeRO-2 keeps it whole and skips ZeRO-3's per-layer all-gathers.
 # Micro batch and checkpointing: every preset fits in 80 GiB per GPU at seq 4096 by planner.py, with room to
 # spare (tests/jobs/test_presets.py checks it); checkpointing cuts 7B+ activations several-fold.
 ZERO2, ZERO3 = "ds_configs/zero2.json", "ds_configs/zero3.json"
 SIZE_TABLE: list[tuple[float, SizeDefaults]] = [
-    (0, SizeDefaults(16, 32, 4, micro_batch=8, gradient_checkpointing=False, deepspeed_config=ZERO2)),
-    (1, SizeDefaults(32, 64, 8, micro_batch=4, gradient_checkpointing=False, deepspeed_config=ZERO2)),
-    (7, SizeDefaults(48, 96, 12, micro_batch=4, gradient_checkpointing=True, deepspeed_config=ZERO3)),
-    (14, SizeDefaults(64, 128, 16, micro_batch=2, gradient_checkpointing=True, deepspeed_config=ZERO3)),
+    (0, SizeDefaults(16, 32, 16, micro_batch=8, gradient_checkpointing=False, deepspeed_config=ZERO2)),
+    (1, SizeDefaults(32, 64, 32, micro_batch=4, gradient_checkpointing=False, deepspeed_config=ZERO2)),
+    (7, SizeDefaults(48, 96, 48, micro_batch=4, gradient_checkpointing=True, deepspeed_config=ZERO3)),
+    (14, SizeDefaults(64, 128, 64, micro_batch=2, gradient_checkpointing=True, deepspeed_config=ZERO3)),
 ]
 
 
@@ -178,7 +179,7 @@ def preset_for(name: str, geometry: ModelGeometry, **overrides) -> Preset:
         if key not in _OVERRIDABLE:
             raise ConfigError(f"preset: unknown field '{key}' (overridable: {', '.join(sorted(_OVERRIDABLE))})")
     size = size_defaults(geometry.num_parameters())
-    # A new r brings the table's alpha = 2r and fast_adapter_rank = r/4 along, unless those are given too.
+    # A new r brings the table's alpha = 2r and fast_adapter_rank = r along, unless those are given too.
     r = overrides.get("r")
     r = r if isinstance(r, int) and not isinstance(r, bool) and r > 0 else size.r  # a bad r fails in _check
     preset = Preset(

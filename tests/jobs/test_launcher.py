@@ -64,7 +64,7 @@ def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
     assert "gradient accumulation = global 128 / (micro 4 x 2 nodes x 8 GPUs) = 2" in out
-    assert "LoRA-FA r=48 alpha=96 fast_adapter_rank=12" in out
+    assert "LoRA-FA r=48 alpha=96 fast_adapter_rank=48" in out
     assert "fits in 80 GiB per GPU" in out  # the planner's memory per GPU
     commands = [shlex.split(line) for line in out.splitlines() if line.startswith("torchrun")]
     for node, command in enumerate(commands):
@@ -73,7 +73,7 @@ def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, monkeypatch, capsys
         assert command[command.index(TRAIN) + 1:] == [
             "--fsdp", "--model", "meta-llama/Llama-2-13b-hf", "--output-dir", "runs/llama-2-13b",
             "--micro-batch-size", "4", "--global-batch-size", "128", "--seq-len", "4096", "--r", "48",
-            "--lora-alpha", "96", "--fast-adapter-rank", "12", "--lora-dropout", "0.05", "--target-modules", "all-linear",
+            "--lora-alpha", "96", "--fast-adapter-rank", "48", "--lora-dropout", "0.05", "--target-modules", "all-linear",
             "--gradient-checkpointing", "--dataset", "data.jsonl"]
     assert len(commands) == 2
 
@@ -114,7 +114,7 @@ def test_written_job_is_a_valid_sbatch_script_and_is_not_overwritten(tmp_path, m
     assert not any("$" in line for line in text.splitlines() if line.startswith("#SBATCH"))
     assert f"export LORAFA_DS_CONFIG={REPO_ROOT}/ds_configs/zero3.json" in text
     assert "Meta-Llama-3-70B: zero3, 8 node(s) x 8 GPU(s), micro batch 2 x 4096" in capsys.readouterr().out
-    assert "export MASTER_PORT=31001" in text and "--r 64 --lora-alpha 128 --fast-adapter-rank 16" in text
+    assert "export MASTER_PORT=31001" in text and "--r 64 --lora-alpha 128 --fast-adapter-rank 64" in text
     assert subprocess.run(["bash", "-n", str(job)]).returncode == 0
     if shutil.which("shellcheck"):
         lint = subprocess.run(["shellcheck", str(job)], capture_output=True, text=True)
@@ -128,7 +128,7 @@ def test_written_job_is_a_valid_sbatch_script_and_is_not_overwritten(tmp_path, m
     assert f"{job.relative_to(tmp_path)} holds another job; pass --overwrite" in capsys.readouterr().err
     assert job.read_text() == text
     assert main([*args, "--r", "8", "--overwrite"]) == 0
-    assert "--r 8 --lora-alpha 16 --fast-adapter-rank 2" in job.read_text()
+    assert "--r 8 --lora-alpha 16 --fast-adapter-rank 8" in job.read_text()
 
 
 def test_a_local_model_folder_instead_of_a_preset(tmp_path, monkeypatch, capsys):
@@ -137,7 +137,7 @@ def test_a_local_model_folder_instead_of_a_preset(tmp_path, monkeypatch, capsys)
     assert main(["--preset", "my-llama", "--nodes", "2", "--gpus-per-node", "1", "--global-batch-size", "32",
                  "--fsdp", "--seq-len", "128", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "my-llama" in out and "LoRA-FA r=16 alpha=32 fast_adapter_rank=4" in out  # the < 1B row
+    assert "my-llama" in out and "LoRA-FA r=16 alpha=32 fast_adapter_rank=16" in out  # the < 1B row
     assert f"--model {tmp_path / 'my-llama'} --output-dir runs/my-llama --micro-batch-size 8" in out
     assert main(["--preset", "llama-2-14b", "--nodes", "2", "--global-batch-size", "32", "--dry-run"]) == 2
     assert "--preset: 'llama-2-14b' is neither a preset" in capsys.readouterr().err
