@@ -171,8 +171,8 @@ def calibrate(
     config's fast_adapter_rank. batches: dicts `loss_fn(model, batch)` takes (default: model(**batch).loss,
     so input_ids / attention_mask / labels). Each rank passes its own batches; collective when
     torch.distributed is initialised. No parameter's .grad is touched and the optimizer sees nothing; B
-    stays 0. whiten=False takes G's own singular vectors as unit rows (LoRA-GA's
-    directions; the ablation in bench/adaptation.py). Returns a CalibrationReport (its str is a one-line summary).
+    stays 0. whiten=False takes G's own singular vectors as unit rows (LoRA-GA's directions; the ablation in
+    bench/adaptation.py). Returns a CalibrationReport (its str is a one-line summary).
     """
     started = time.perf_counter()
     lora_model = _lora_model(model)
@@ -182,7 +182,7 @@ def calibrate(
     layers = lora_model.lora_layers()
     sketches = {}
     for layer in layers:
-        device = layer.base_layer.weight.device if hasattr(layer.base_layer, "weight") else "cpu"
+        device = layer.base_layer.weight.device
         device = torch.device("cpu") if device.type == "meta" else device
         sketches[layer] = GradientSketch(layer.in_features, layer.out_features, k, oversample,
                                          layer.init_seed + 1, device)
