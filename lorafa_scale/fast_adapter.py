@@ -136,18 +136,28 @@ def _assign(param: torch.Tensor, full: torch.Tensor, layer: LoraFALinear) -> Non
     """Copy a full tensor into A, whole, FSDP2-sharded (DTensor) or ZeRO-3-partitioned; refresh the correction.
 
     Collective when sharded: every rank passes the same full tensor."""
-    if isinstance(param, DTensor):
-        param.copy_(distribute_tensor(full.to(param.device), param.device_mesh, param.placements))
-        layer.refresh_b_grad_correction()
-    elif hasattr(param, "ds_id"):
+    full = full.to(param.device)
+    if hasattr(param, "ds_id"):  # ZeRO-3: write the gathered weight; rank 0's copy is kept (all hold the same)
         from .engines.deepspeed import gathered
 
-        with gathered([param], modifier_rank=0):  # rank 0's copy is kept (all ranks hold the same)
-            param.copy_(full.to(param.device))
+        with gathered([param], modifier_rank=0):
+            param.copy_(full)
             layer.refresh_b_grad_correction()
-    else:
-        param.copy_(full.to(param.device))
-        layer.refresh_b_grad_correction()
+        return
+    if isinstance(param, DTensor):  # FSDP2: each rank keeps its shard
+        full = distribute_tensor(full, param.device_mesh, param.placements)
+    param.copy_(full)
+    layer.refresh_b_grad_correction()
+
+
+def _sum_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """All-reduce (sum) in place, through the GPU when the backend is NCCL (it takes no CPU tensors)."""
+    nccl = torch.distributed.get_backend() == "nccl"
+    for tensor in tensors:
+        moved = tensor.cuda() if nccl and not tensor.is_cuda else tensor
+        torch.distributed.all_reduce(moved)
+        if moved is not tensor:
+            tensor.copy_(moved)
 
 
 def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -223,15 +233,14 @@ def calibrate(
     batches_seen = torch.tensor(float(count))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed:
-        torch.distributed.all_reduce(batches_seen)
+        _sum_over_ranks([batches_seen])
     if int(batches_seen) == 0:
         raise ValueError("calibrate: no batches were given")
     tokens = 0
     for layer in layers:
         sketch = sketches.pop(layer)
         if distributed:
-            for tensor in sketch.tensors():
-                torch.distributed.all_reduce(tensor)
+            _sum_over_ranks(sketch.tensors())
         tokens = max(tokens, int(sketch.tokens))
         rows = fast_adapter_rows(sketch.fast_rows(whiten), layer.r, layer.init_seed)
         with torch.no_grad():
