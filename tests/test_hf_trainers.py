@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -19,7 +20,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from lorafa_scale import LoraConfig, LoraFALinear, LoraFAModel, get_peft_model
+from lorafa_scale import LoraConfig, LoraFALinear, LoraFAModel, calibrate, get_peft_model
 from lorafa_scale.training.embedded import build_tokenizer
 from tests.tiny_models import save_tiny_llama
 
@@ -125,6 +126,25 @@ def test_trainer_with_default_arguments_trains_saves_the_adapter_and_resumes_wit
             torch.testing.assert_close(p, dict(model.named_parameters())[name], rtol=0, atol=1e-6)
         else:
             assert torch.equal(p, before[name])
+
+
+def test_trainer_trains_a_calibrated_model_without_the_warning_and_keeps_its_a(base_dir, tmp_path):
+    """calibrate before trainer.train(), as README says: the fast rows survive training and the saved adapter."""
+    model = adapted(base_dir, fast_adapter_rank=8, lora_dropout=0.0)
+    dataset = lm_dataset(base_dir)
+    batches = [{key: torch.tensor(dataset[key][i:i + 4]) for key in ("input_ids", "attention_mask", "labels")}
+               for i in (0, 4)]
+    random_a = snapshot(model)
+    calibrate(model, batches)
+    calibrated = snapshot(model)
+    assert all(not torch.equal(calibrated[n], random_a[n]) for n in random_a if ".lora_A." in n)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fast_adapter_rank=8 but A was never calibrated")
+        Trainer(model=model, args=trainer_args(tmp_path / "run"), train_dataset=dataset).train()
+    assert_only_b_trained(model, calibrated)
+    saved = load_file(str(tmp_path / "run" / "checkpoint-4" / "adapter_model.safetensors"))
+    live = model.adapter_state_dict()
+    assert all(torch.equal(saved[n], live[n]) for n in saved if ".lora_A." in n)
 
 
 @pytest.mark.parametrize("data, gradient_checkpointing", [("text", True), ("chat", False)])
