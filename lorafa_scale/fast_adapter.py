@@ -223,7 +223,16 @@ def calibrate(
             # The gradient of the embeddings' output, not backward(): it runs through every layer's hook
             # above but reaches no parameter, so no .grad is written and neither the optimizer nor an
             # engine's gradient hooks (ZeRO-3's reduction, FSDP2's reduce-scatter) see anything.
-            torch.autograd.grad(loss, embeddings)
+            try:
+                torch.autograd.grad(loss, embeddings)
+            except RuntimeError as error:
+                if "use_reentrant" not in str(error):
+                    raise
+                raise ValueError(
+                    "calibrate: reentrant gradient checkpointing cannot run the gradient calibration takes; "
+                    "enable it with gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' "
+                    "default), or calibrate before enabling it"
+                ) from None
             embeddings.clear()
             count += 1
     finally:

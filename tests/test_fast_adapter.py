@@ -198,6 +198,23 @@ def test_calibrate_refuses_k0_and_no_batches():
     assert not model.fast_rows_calibrated
 
 
+def test_gradient_checkpointing_calibrates_the_same_a_and_reentrant_gets_a_clear_error():
+    plain = model_with()
+    calibrate(plain, batches())
+    for reentrant in (False, True):
+        base = tiny_llama()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        checkpointed = model_with(base=base)
+        if reentrant:
+            with pytest.raises(ValueError, match="reentrant gradient checkpointing cannot run"):
+                calibrate(checkpointed, batches())
+            assert not checkpointed.fast_rows_calibrated
+            continue
+        calibrate(checkpointed, batches())  # the layers' hooks fire in the recomputation
+        for ours, theirs in zip(plain.lora_layers(), checkpointed.lora_layers(), strict=True):
+            torch.testing.assert_close(theirs.lora_A.weight, ours.lora_A.weight, rtol=1e-4, atol=1e-5)
+
+
 def test_peft_loads_the_calibrated_a(tmp_path):
     model = model_with()
     calibrate(model, batches())
