@@ -205,7 +205,7 @@ def _memory_plan(preset: Preset, args, ds_config: Path | None) -> str:
     job = Job(geometry=preset.geometry, strategy=_planner_strategy(ds_config), nodes=args.nodes,
               gpus_per_node=args.gpus_per_node, micro_batch=preset.micro_batch, seq_len=preset.seq_len,
               r=preset.r, targets=targets, lora_dropout=preset.lora_dropout,
-              gradient_checkpointing=preset.gradient_checkpointing)
+              gradient_checkpointing=preset.gradient_checkpointing, fast_adapter_rank=preset.fast_adapter_rank)
     return format_plan(plan(job))
 
 

@@ -21,6 +21,11 @@ gate and up (2f d), and the model keeps the final norm's input and the gradient 
 (2h d per token) instead of the log-softmax and the labels.
 tests/jobs/test_planner.py checks this against saved_tensors_hooks on real training steps.
 
+Calibration (fast_adapter_rank k > 0, `calibration_bytes`): the job's first passes also hold each adapted
+layer's input until backward reaches it (as PEFT LoRA in float32 without dropout keeps it) and a sketch of
+(in + out)(3l + 1) float32 values per adapted layer (l = k + 16); the plan's "while calibrating" line is
+the peak then. tests/jobs/test_planner.py checks the held inputs against the tensors calibrate holds.
+
 Everything else is an estimate stated in its line: frozen base weights keep nothing of their input; trained
 adapter parameters are float32 with AdamW (4 bytes weight + 4 gradient + 8 optimizer state); A is float32.
 """
@@ -39,6 +44,7 @@ import torch
 
 from ..cli_args import Parser, add_renamed, comma_list, deprecated, dtype_type
 from ..config import ConfigError
+from ..fast_adapter import DEFAULT_OVERSAMPLE
 from .presets import GEOMETRIES, ModelGeometry
 
 GiB = 2**30
@@ -73,6 +79,7 @@ class Job:
     gpu_memory_gib: float = 80.0
     reserve_gib: float = 1.0  # CUDA context, NCCL buffers, allocator fragmentation: an assumption
     lean: bool = False  # lorafa_scale.lean: chunked head + loss, SwiGLU and RMSNorm keeping only their inputs
+    fast_adapter_rank: int = 0  # k > 0: the job calibrates k rows of A on its micro batches before step 0
 
     def __post_init__(self):
         choices = {"strategy": STRATEGIES, "quantization": QUANTIZATIONS, "method": ("lorafa", "lora"),
@@ -87,6 +94,10 @@ class Job:
         unknown = [t for t in self.targets if t not in ALL_TARGETS]
         if unknown or not self.targets:
             raise ConfigError(f"plan: targets must be a non-empty subset of {ALL_TARGETS}, got {list(self.targets)}")
+        k = self.fast_adapter_rank
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.r or (k and self.method == "lora"):
+            raise ConfigError(f"plan: fast_adapter_rank must be an integer in [0, r={self.r}] (0 with method "
+                              f"lora), got {k!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"plan: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.quantization == "int8" and self.strategy in ("zero3", "zero3-offload", "fsdp2", "fsdp2-offload"):
@@ -114,6 +125,7 @@ class Plan:
     temporary: dict[str, int]
     cpu_per_node: dict[str, int] = field(default_factory=dict)
     load_peak: int = 0  # bytes on each GPU while loading, before sharding (0: never above the training total)
+    calibration: dict[str, int] = field(default_factory=dict)  # bytes calibration adds (fast_adapter_rank > 0)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -121,14 +133,22 @@ class Plan:
         return sum(self.gpu.values())
 
     @property
+    def calibration_peak(self) -> int:
+        """Bytes on each GPU while calibrating: the training total, its activations replaced by calibration's."""
+        if not self.calibration:
+            return 0
+        return self.gpu_total - self.gpu["activations"] + sum(self.calibration.values())
+
+    @property
     def fits(self) -> bool:
-        return max(self.gpu_total, self.load_peak) <= self.job.gpu_memory_gib * GiB
+        return max(self.gpu_total, self.load_peak, self.calibration_peak) <= self.job.gpu_memory_gib * GiB
 
     def to_dict(self) -> dict:
         job = {k: v for k, v in dataclasses.asdict(self.job).items() if k != "geometry"}
         job["model"] = self.job.geometry.hf_id
         return {"job": job, "gpu_bytes": self.gpu, "temporary_bytes": self.temporary,
                 "gpu_total_bytes": self.gpu_total, "load_peak_bytes": self.load_peak,
+                "calibration_bytes": self.calibration, "calibration_peak_bytes": self.calibration_peak,
                 "cpu_per_node_bytes": self.cpu_per_node, "fits": self.fits, "notes": self.notes}
 
 
@@ -216,16 +236,19 @@ def adapter_bytes_per_token(job: Job, target: str, input_needs_grad: bool, atten
         return (4 + mask) * in_features + 4 * r
     if job.dtype != "fp32":  # each adapter keeps its own float32 copy of x
         return 4 * in_features + 4 * r
-    # float32 without dropout: A keeps x itself. An input shared by several adapters counts once (for the
-    # first of them); o_proj's input is the attention output, which the attention keeps when it is kept.
+    # float32 without dropout: A keeps x itself
+    return (4 * in_features if _owns_input(job, target, attention_kept) else 0) + 4 * r
+
+
+def _owns_input(job: Job, target: str, attention_kept: bool) -> bool:
+    """Whether keeping this layer's input costs bytes of its own: an input shared by several adapters counts
+    once (for the first of them); o_proj's input is the attention output, which the attention keeps when kept."""
     if target == "o_proj":
-        owns_input = not attention_kept
-    elif target in SHARED_INPUT:
+        return not attention_kept
+    if target in SHARED_INPUT:
         sharers = [t for t in ALL_TARGETS if t in job.targets and SHARED_INPUT.get(t) == SHARED_INPUT[target]]
-        owns_input = target == sharers[0]
-    else:
-        owns_input = True
-    return (4 * in_features if owns_input else 0) + 4 * r
+        return target == sharers[0]
+    return True
 
 
 def model_activation_bytes(job: Job) -> float:
@@ -254,6 +277,35 @@ def peak_activation_bytes(job: Job) -> int:
     layer_inputs = g.num_hidden_layers * g.hidden_size * DTYPE_BYTES[job.dtype]
     recomputed = activation_bytes_per_token(job)
     return round(job.tokens * (layer_inputs + recomputed) + model_activation_bytes(job))
+
+
+def calibration_bytes(job: Job) -> dict[str, int]:
+    """What calibrating k fast rows (lorafa_scale.calibrate) holds on each GPU beyond the weights.
+
+    Its passes keep what a training forward keeps, all of the first layer too (the embeddings' output needs
+    a gradient), plus each adapted layer's input, held by the layer's gradient hook until backward reaches
+    it; each layer's sketch (fast_adapter.GradientSketch: Omega, Psi, the range and corange sketches, the
+    squares; unsharded on every rank); and, while a sketch takes in a micro batch, float32 copies of one
+    layer's live inputs and output gradients."""
+    if not job.fast_adapter_rank:
+        return {}
+    g, d = job.geometry, DTYPE_BYTES[job.dtype]
+    held = sum(g.linear_shapes()[t][0] * d for t in job.targets if _owns_input(job, t, attention_kept=True))
+    per_layer = activation_bytes_per_token(job) + held
+    if job.gradient_checkpointing:  # the layer inputs, and one recomputed layer
+        layers = g.num_hidden_layers * g.hidden_size * d + per_layer
+    else:
+        layers = g.num_hidden_layers * per_layer
+    sketches = 0
+    for target in job.targets:
+        in_features, out_features = g.linear_shapes()[target]
+        width = min(job.fast_adapter_rank + DEFAULT_OVERSAMPLE, in_features, out_features)
+        co_width = min(2 * width + 1, in_features)
+        values = (in_features + out_features) * (width + co_width) + in_features + 1
+        sketches += 4 * values * g.num_hidden_layers
+    widest = max(sum(g.linear_shapes()[t]) for t in job.targets)
+    return {"activations and held inputs": round(job.tokens * layers + model_activation_bytes(job)),
+            "fast-row sketches": sketches, "sketch update": 8 * job.tokens * widest}
 
 
 # -- the plan ------------------------------------------------------------------------------------------------
@@ -323,7 +375,7 @@ def plan(job: Job) -> Plan:
         # DeepSpeed's zero.Init does not apply to bitsandbytes models: each rank loads the whole quantized model.
         load_peak = base + gpu["runtime reserve"]
         notes.append("ZeRO-3 with a quantized base: every GPU holds the whole quantized model while loading")
-    result = Plan(job, gpu, temporary, cpu, load_peak, notes)
+    result = Plan(job, gpu, temporary, cpu, load_peak, calibration_bytes(job), notes)
     if job.gradient_checkpointing and job.method == "lorafa":
         # Only where it is true: presets turn checkpointing on where the job would not fit without it.
         without = plan(dataclasses.replace(job, gradient_checkpointing=False))
@@ -374,11 +426,14 @@ def format_plan(result: Plan) -> str:
     lines.append(f"  {'total':<32}{result.gpu_total / GiB:9.2f}")
     if result.load_peak:
         lines.append(f"  {'while loading':<32}{result.load_peak / GiB:9.2f}")
+    if result.calibration:
+        lines.append(f"  {f'while calibrating (k={job.fast_adapter_rank})':<32}{result.calibration_peak / GiB:9.2f}")
+        lines += [f"    {name:<30}{part / GiB:9.2f}" for name, part in result.calibration.items()]
     for name, value in result.cpu_per_node.items():
         lines.append(f"  {'CPU per node, ' + name:<32}{value / GiB:9.2f}")
     if result.cpu_per_node:
         lines.append(f"  {'CPU per node total':<32}{sum(result.cpu_per_node.values()) / GiB:9.2f}")
-    needed = max(result.gpu_total, result.load_peak) / GiB
+    needed = max(result.gpu_total, result.load_peak, result.calibration_peak) / GiB
     verdict = "fits" if result.fits else "does NOT fit"
     lines.append(f"{verdict} in {job.gpu_memory_gib:g} GiB per GPU ({needed:.2f} GiB needed)")
     lines += [f"note: {note}" for note in result.notes]
@@ -437,6 +492,8 @@ def build_parser() -> Parser:
     add("--r", type=int, help="adapter rank (default: the preset's)")
     add("--target-modules", nargs="+", default=["all-linear"], help="layer names to adapt (e.g. q_proj v_proj), or all-linear")
     add("--method", default="lorafa", choices=("lorafa", "lora"), help="lora: PEFT's LoRA, A trained too")
+    add("--fast-adapter-rank", type=int,
+        help="rows of A the job calibrates before step 0, 0..r (default: the preset's, r; 0 with --method lora)")
     add("--lora-dropout", type=float, help="dropout on the adapter input (default: the preset's, 0.05)")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
         help="recompute activations in backward (default: the preset's)")
@@ -486,14 +543,15 @@ def job_from_args(args) -> Job:
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     try:
         preset = preset_from(name, micro_batch=args.micro_batch_size, seq_len=args.seq_len, r=args.r,
-                             lora_dropout=args.lora_dropout, gradient_checkpointing=args.gradient_checkpointing,
-                             target_modules=targets)
+                             fast_adapter_rank=args.fast_adapter_rank, lora_dropout=args.lora_dropout,
+                             gradient_checkpointing=args.gradient_checkpointing, target_modules=targets)
     except ConfigError as err:
         raise ConfigError(f"plan: {str(err).removeprefix('preset: ')}") from None
     return Job(preset.geometry, _strategy(args, preset), args.quantization, args.nodes, args.gpus_per_node,
                preset.micro_batch, preset.seq_len, preset.r, _targets(",".join(args.target_modules)), args.method,
                preset.lora_dropout, preset.gradient_checkpointing, DTYPE_NAMES[args.dtype], "cuda",
-               args.gpu_memory_gib, args.reserve_gib, args.lean)
+               args.gpu_memory_gib, args.reserve_gib, args.lean,
+               preset.fast_adapter_rank if args.method == "lorafa" else 0)
 
 
 def main(argv: list[str] | None = None) -> int:

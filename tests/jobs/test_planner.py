@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import peft
 import pytest
 import torch
 
-from lorafa_scale import LoraConfig, get_peft_model
+from lorafa_scale import LoraConfig, calibrate, get_peft_model
 from lorafa_scale.config import ConfigError
 from lorafa_scale.jobs.planner import (
     ALL_TARGETS,
     GiB,
     Job,
+    calibration_bytes,
     kept_for_backward,
     load_geometry,
     main,
@@ -64,6 +66,56 @@ def test_activation_term_matches_saved_tensors(geometry, method, dropout, dtype,
               seq_len=seq, r=r, targets=targets, method=method, lora_dropout=dropout, dtype=dtype, device="cpu")
     predicted = kept_for_backward(job)
     assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("targets", [ALL_TARGETS, ("q_proj", "v_proj"), ("o_proj", "down_proj")],
+                         ids=["all", "qv", "o-down"])
+def test_calibration_term_matches_what_calibrate_holds(dtype, targets):
+    """What autograd keeps during calibrate's real passes, plus the layer inputs its hooks hold."""
+    hidden, ffn, layers, heads, kv_heads, vocab = SMALL_GEOMETRIES[0]
+    batch, seq, r = 2, 40, 8
+    model = tiny_llama(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab)
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=list(targets), fast_adapter_rank=4)
+    model = get_peft_model(model.to(TORCH_DTYPES[dtype]), config).train()
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    held = {}
+
+    def record(tensor):
+        held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    def loss_fn(model, batch):
+        with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+            return model(**batch).loss
+
+    def hold(module, inputs, output):  # calibrate's hook holds a detached view of this input: the same storage
+        record(inputs[0])
+
+    for layer in model.lora_layers():
+        layer.register_forward_hook(hold)
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    calibrate(model, [{"input_ids": ids, "labels": ids}], loss_fn=loss_fn)
+    measured = sum(size for ptr, size in held.items() if ptr not in own)
+    job = Job(ModelGeometry("tiny", hidden, ffn, layers, heads, kv_heads, vocab, 256), micro_batch=batch,
+              seq_len=seq, r=r, targets=targets, lora_dropout=0.05, dtype=dtype, device="cpu", fast_adapter_rank=4)
+    predicted = calibration_bytes(job)["activations and held inputs"]
+    assert abs(predicted - measured) <= 0.10 * measured, (predicted, measured)
+
+
+def test_calibration_peak_counts_toward_fitting():
+    job = Job(GEOMETRIES["llama-3-70b"], strategy="zero3", gpus_per_node=8, nodes=8, micro_batch=2, seq_len=4096,
+              r=64, gradient_checkpointing=True, fast_adapter_rank=64)
+    calibrating, plain = plan(job), plan(dataclasses.replace(job, fast_adapter_rank=0))
+    assert plain.calibration_peak == 0 and plain.gpu == calibrating.gpu
+    sketch = calibrating.calibration["fast-row sketches"]  # (in + out)(3l + 1) float32 values per layer, l = 80
+    assert 0.9 < sketch / (80 * 4 * (3 * 80 + 1) * sum(i + o for i, o in job.geometry.linear_shapes().values())) < 1.1
+    assert calibrating.calibration_peak > calibrating.gpu_total
+    squeezed = dataclasses.replace(job, gpu_memory_gib=(calibrating.gpu_total + calibrating.calibration_peak) / 2 / GiB)
+    assert plan(dataclasses.replace(squeezed, fast_adapter_rank=0)).fits and not plan(squeezed).fits
+    with pytest.raises(ConfigError, match="fast_adapter_rank must be an integer in \\[0, r=64\\]"):
+        dataclasses.replace(job, fast_adapter_rank=65)
 
 
 def test_lorafa_keeps_less_than_lora_and_sharding_divides_weights():
