@@ -262,21 +262,26 @@ def model_activation_bytes(job: Job) -> float:
     return job.tokens * per_token + rotary + (0 if job.lean else 4)  # + the loss itself
 
 
+def _activations(job: Job, first_layer: float, per_layer: float, checkpointing: bool) -> int:
+    """Bytes at the peak from per-token bytes of the first and each other decoder layer: all layers kept,
+    or with checkpointing the layer inputs and one recomputed layer; plus what the model keeps outside them."""
+    g = job.geometry
+    if checkpointing:
+        layers = g.num_hidden_layers * g.hidden_size * DTYPE_BYTES[job.dtype] + per_layer
+    else:
+        layers = first_layer + (g.num_hidden_layers - 1) * per_layer
+    return round(job.tokens * layers + model_activation_bytes(job))
+
+
 def kept_for_backward(job: Job) -> int:
     """Bytes autograd keeps at the end of forward for one micro batch, without gradient checkpointing."""
-    layers = activation_bytes_per_token(job, first_layer=True)
-    layers += (job.geometry.num_hidden_layers - 1) * activation_bytes_per_token(job)
-    return round(job.tokens * layers + model_activation_bytes(job))
+    return _activations(job, activation_bytes_per_token(job, first_layer=True), activation_bytes_per_token(job), False)
 
 
 def peak_activation_bytes(job: Job) -> int:
     """Activation memory at its peak: all kept bytes, or with checkpointing the layer inputs + one layer."""
-    if not job.gradient_checkpointing:
-        return kept_for_backward(job)
-    g = job.geometry
-    layer_inputs = g.num_hidden_layers * g.hidden_size * DTYPE_BYTES[job.dtype]
-    recomputed = activation_bytes_per_token(job)
-    return round(job.tokens * (layer_inputs + recomputed) + model_activation_bytes(job))
+    return _activations(job, activation_bytes_per_token(job, first_layer=True), activation_bytes_per_token(job),
+                        job.gradient_checkpointing)
 
 
 def calibration_bytes(job: Job) -> dict[str, int]:
@@ -291,11 +296,7 @@ def calibration_bytes(job: Job) -> dict[str, int]:
         return {}
     g, d = job.geometry, DTYPE_BYTES[job.dtype]
     held = sum(g.linear_shapes()[t][0] * d for t in job.targets if _owns_input(job, t, attention_kept=True))
-    per_layer = activation_bytes_per_token(job) + held
-    if job.gradient_checkpointing:  # the layer inputs, and one recomputed layer
-        layers = g.num_hidden_layers * g.hidden_size * d + per_layer
-    else:
-        layers = g.num_hidden_layers * per_layer
+    per_layer = activation_bytes_per_token(job) + held  # the first layer too
     sketches = 0
     for target in job.targets:
         in_features, out_features = g.linear_shapes()[target]
@@ -304,7 +305,7 @@ def calibration_bytes(job: Job) -> dict[str, int]:
         values = (in_features + out_features) * (width + co_width) + in_features + 1
         sketches += 4 * values * g.num_hidden_layers
     widest = max(sum(g.linear_shapes()[t]) for t in job.targets)
-    return {"activations and held inputs": round(job.tokens * layers + model_activation_bytes(job)),
+    return {"activations and held inputs": _activations(job, per_layer, per_layer, job.gradient_checkpointing),
             "fast-row sketches": sketches, "sketch update": 8 * job.tokens * widest}
 
 
@@ -551,7 +552,8 @@ def job_from_args(args) -> Job:
                preset.micro_batch, preset.seq_len, preset.r, _targets(",".join(args.target_modules)), args.method,
                preset.lora_dropout, preset.gradient_checkpointing, DTYPE_NAMES[args.dtype], "cuda",
                args.gpu_memory_gib, args.reserve_gib, args.lean,
-               preset.fast_adapter_rank if args.method == "lorafa" else 0)
+               # PEFT LoRA calibrates nothing; a rank given with it is refused by Job
+               0 if args.method == "lora" and args.fast_adapter_rank is None else preset.fast_adapter_rank)
 
 
 def main(argv: list[str] | None = None) -> int:

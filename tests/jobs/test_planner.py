@@ -116,6 +116,7 @@ def test_calibration_peak_counts_toward_fitting():
     assert plan(dataclasses.replace(squeezed, fast_adapter_rank=0)).fits and not plan(squeezed).fits
     with pytest.raises(ConfigError, match="fast_adapter_rank must be an integer in \\[0, r=64\\]"):
         dataclasses.replace(job, fast_adapter_rank=65)
+    assert main(["--preset", "llama-2-7b", "--method", "lora", "--fast-adapter-rank", "4"]) == 2  # LoRA calibrates nothing
 
 
 def test_lorafa_keeps_less_than_lora_and_sharding_divides_weights():
