@@ -27,6 +27,8 @@ SCRIPTS = sorted(SLURM.iterdir()) + sorted(STUBS.iterdir())
 def slurm_env(stubs: bool = False, **values) -> dict:
     """This process's environment without any real SLURM_* value, plus `values`; stubs: srun/scontrol on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LORAFA_", "NCCL_", "GPUS_PER_NODE"))}
+    # the scripts call python, torchrun and deepspeed by name: this interpreter's, even from an unactivated venv
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if stubs:
         env["PATH"] = f"{STUBS}{os.pathsep}{env['PATH']}"
     env.update({k: str(v) for k, v in values.items()})
