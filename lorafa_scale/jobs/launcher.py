@@ -214,7 +214,9 @@ def node_commands(script: str, nodes: int, nodelist: str | None) -> str:
     environment (node names from `nodelist`, else node1..nodeN)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # not the allocation we run in
     env.update({"LORAFA_DRY_RUN": "1", "SLURM_JOB_ID": "JOBID", "SLURM_NNODES": str(nodes),
-                "SLURM_JOB_NODELIST": nodelist or f"node[1-{nodes}]"})
+                "SLURM_JOB_NODELIST": nodelist or f"node[1-{nodes}]",
+                # the script calls python by name: this one's, even when its venv is not activated
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     result = subprocess.run(["bash", "-s"], input=script, env=env, capture_output=True, text=True, timeout=120)
     if result.returncode:
         raise ConfigError(f"rendering the job failed: {result.stderr.strip()}")
