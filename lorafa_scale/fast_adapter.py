@@ -22,11 +22,12 @@ Never forming G (a Llama-3-70B MLP layer's is ~0.9 GB in fp32): a one-pass rando
 al. 2017, "Practical sketching algorithms for low-rank matrix approximation") keeps per layer
     range  = G^T Omega  (in x l),   corange = Psi G^T  (l2 x out),   sq = sum_t x_t^2  (in),
 with Omega (out x l), Psi (l2 x in) Gaussian, l = k + oversample, l2 = 2 l + 1: O((in + out)(k + p))
-numbers. At the end, with w = D^-1/2: Q = orth(w * range) spans M^T's range; since corange =
+numbers (Omega and Psi are redrawn from a seed whenever they are used, so only the sketches are held). At the end, with w = D^-1/2: Q = orth(w * range) spans M^T's range; since corange =
 (Psi D^1/2) M^T, X = (Psi D^1/2 Q)^+ corange ~ Q^T M^T, and M's right singular vectors are Q U, with
 X = U S V^T (a small SVD). The sketches are summed over data-parallel ranks before that step, so a run on
-n ranks equals one process on the same global batches. Omega and Psi come from the layer's own seed:
-deterministic for a seed, the same on every rank.
+n ranks equals one process on the same global batches. Omega and Psi come from the layer's own seed, drawn
+by a generator on the sketch's device: deterministic for a seed, the same on every rank (a CUDA generator
+draws other numbers than a CPU one, so GPU and CPU runs pick equally good, not identical, rows).
 """
 
 from __future__ import annotations
@@ -68,16 +69,22 @@ class GradientSketch:
     """The one-pass sketch of one layer's whitened weight gradient (module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, k: int, oversample: int, seed: int, device):
-        self.k = k
-        width = min(k + oversample, in_features, out_features)
-        co_width = min(2 * width + 1, in_features)
-        generator = torch.Generator().manual_seed(seed)
-        self.omega = torch.randn(out_features, width, generator=generator).to(device)
-        self.psi = torch.randn(co_width, in_features, generator=generator).to(device)
-        self.range = torch.zeros(in_features, width, device=device)
-        self.corange = torch.zeros(co_width, out_features, device=device)
+        self.k, self.seed, self.device = k, seed, torch.device(device)
+        self.in_features, self.out_features = in_features, out_features
+        self.width = min(k + oversample, in_features, out_features)
+        self.co_width = min(2 * self.width + 1, in_features)
+        self.range = torch.zeros(in_features, self.width, device=device)
+        self.corange = torch.zeros(self.co_width, out_features, device=device)
         self.sq = torch.zeros(in_features, device=device)
         self.tokens = torch.zeros((), device=device)
+
+    def test_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Omega, Psi), drawn afresh from the sketch's seed on its device at each use, never stored: they
+        are as large as the sketches themselves, so holding them would double calibration's memory."""
+        generator = torch.Generator(self.device).manual_seed(self.seed)
+        omega = torch.randn(self.out_features, self.width, generator=generator, device=self.device)
+        psi = torch.randn(self.co_width, self.in_features, generator=generator, device=self.device)
+        return omega, psi
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
@@ -86,8 +93,9 @@ class GradientSketch:
         g = grad_out.reshape(-1, grad_out.shape[-1]).float()
         live = g.abs().amax(dim=1) > 0  # tokens the loss depends on (not padding, not after the last label)
         x, g = x[live], g[live]
-        self.range += x.T @ (g @ self.omega)
-        self.corange += (self.psi @ x.T) @ g
+        omega, psi = self.test_matrices()
+        self.range += x.T @ (g @ omega)
+        self.corange += (psi @ x.T) @ g
         self.sq += (x * x).sum(dim=0)
         self.tokens += x.shape[0]
 
@@ -105,7 +113,8 @@ class GradientSketch:
         if not whiten:
             w, scale = torch.ones_like(w), torch.ones_like(scale)
         q = torch.linalg.qr(w[:, None] * self.range.double()).Q  # (in x l): M^T's range
-        core = torch.linalg.lstsq(self.psi.double() / w[None, :] @ q, self.corange.double()).solution
+        psi = self.test_matrices()[1].double()
+        core = torch.linalg.lstsq(psi / w[None, :] @ q, self.corange.double()).solution
         u = torch.linalg.svd(core, full_matrices=False).U  # (l x l), singular values descending
         directions = q @ u[:, : self.k]  # (in x k), orthonormal, in whitened coordinates
         # a sign convention (largest entry positive), so that float-level differences never flip a row

@@ -289,24 +289,24 @@ def calibration_bytes(job: Job) -> dict[str, int]:
 
     Its passes keep what a training forward keeps, all of the first layer too (the embeddings' output needs
     a gradient), plus each adapted layer's input, held by the layer's gradient hook until backward reaches
-    it; each layer's sketch (fast_adapter.GradientSketch: Omega, Psi, the range and corange sketches, the
-    squares; unsharded on every rank); and, while a sketch takes in a micro batch, float32 copies of one
-    layer's live inputs and output gradients."""
+    it; each layer's sketch (fast_adapter.GradientSketch: the range and corange sketches, the squares;
+    unsharded on every rank); and, while a sketch takes in a micro batch, float32 copies of one layer's live
+    inputs and output gradients and its test matrices Omega and Psi, drawn for that update only."""
     if not job.fast_adapter_rank:
         return {}
     g, d = job.geometry, DTYPE_BYTES[job.dtype]
     held = sum(g.linear_shapes()[t][0] * d for t in job.targets if _owns_input(job, t, attention_kept=True))
     per_layer = activation_bytes_per_token(job) + held  # the first layer too
-    sketches = 0
+    sketches, update = 0, 0
     for target in job.targets:
         in_features, out_features = g.linear_shapes()[target]
         width = min(job.fast_adapter_rank + DEFAULT_OVERSAMPLE, in_features, out_features)
         co_width = min(2 * width + 1, in_features)
-        values = (in_features + out_features) * (width + co_width) + in_features + 1
-        sketches += 4 * values * g.num_hidden_layers
-    widest = max(sum(g.linear_shapes()[t]) for t in job.targets)
+        sketches += 4 * (in_features * width + co_width * out_features + in_features + 1) * g.num_hidden_layers
+        test_matrices = 4 * (out_features * width + co_width * in_features)
+        update = max(update, 8 * job.tokens * (in_features + out_features) + test_matrices)
     return {"activations and held inputs": _activations(job, per_layer, per_layer, job.gradient_checkpointing),
-            "fast-row sketches": sketches, "sketch update": 8 * job.tokens * widest}
+            "fast-row sketches": sketches, "sketch update": update}
 
 
 # -- the plan ------------------------------------------------------------------------------------------------
