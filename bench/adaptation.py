@@ -6,7 +6,8 @@ SmolLM2-135M-Instruct (bench/smollm2.py, fp32), r 16, lora_alpha 32, all linear 
 (weight decay 0), linear warmup then cosine decay as launch/train.py, batch 8, the same training batches in
 the same order for every method at a given seed. Held-out loss (answer tokens only, 64 held-out examples)
 every --eval-every steps; greedy exact-match accuracy on the held-out prompts at the end. Each method's best
-learning rate is the grid value with the lowest final held-out loss averaged over the seeds.
+learning rate is the grid value with the lowest final held-out loss averaged over the seeds. Seeds added
+later can skip, with --prune, the rates that earlier seeds put far from a method's best (successive halving).
 
 Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga"), peft-eva (EVA),
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
@@ -175,6 +176,10 @@ def run(args) -> dict:
     base.config.use_cache = False
     results = json.loads(args.out.read_text()) if args.out.exists() and args.resume else {"runs": []}
     done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in results["runs"]}
+    if args.prune:  # successive halving: skip the rates already far from a method's best in earlier seeds
+        earlier = [r for path in args.prune for r in json.loads(path.read_text())["runs"]]
+        done |= {(task, method, lr, seed) for task in args.tasks for method in args.methods
+                 for lr in pruned_rates(earlier, task, method, args.prune_factor) for seed in args.seeds}
     for task in args.tasks:
         for seed in args.seeds:
             batches, heldout, heldout_batch = task_data(task, args.steps, seed, tokenizer)
@@ -218,6 +223,16 @@ def best_runs(runs: list[dict], task: str, method: str) -> tuple[float, list[dic
             by_lr.setdefault(r["lr"], []).append(r)
     best = min(by_lr, key=lambda lr: statistics.mean(r["curve"][-1] for r in by_lr[lr]))
     return best, by_lr[best]
+
+
+def pruned_rates(runs: list[dict], task: str, method: str, factor: float) -> set[float]:
+    """The rates whose mean final held-out loss in `runs` is above `factor` x the method's best rate's."""
+    by_lr: dict[float, list[float]] = {}
+    for r in runs:
+        if r["task"] == task and r["method"] == method:
+            by_lr.setdefault(r["lr"], []).append(r["curve"][-1])
+    means = {lr: statistics.mean(losses) for lr, losses in by_lr.items()}
+    return {lr for lr, mean in means.items() if mean > factor * min(means.values())}
 
 
 def mean_curve(runs: list[dict]) -> list[float]:
@@ -302,6 +317,10 @@ def main(argv=None) -> int:
     parser.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--memory", action="store_true", help="also count the bytes kept for backward per method")
     parser.add_argument("--resume", action="store_true", help="skip runs already in --out")
+    parser.add_argument("--prune", nargs="+", type=Path, metavar="JSON",
+                        help="skip each method's rates whose mean final loss in these earlier results is above "
+                             "--prune-factor x its best (to add seeds where they can change the choice)")
+    parser.add_argument("--prune-factor", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "adaptation.json")
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
                         help="only merge these result files into --out, print the tables and plot")
