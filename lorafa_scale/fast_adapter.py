@@ -89,8 +89,9 @@ class GradientSketch:
     @torch.no_grad()
     def add(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         """Accumulate sum_t g_t x_t^T's sketches from a layer's inputs and output gradients."""
-        x = x.reshape(-1, x.shape[-1]).float()
-        g = grad_out.reshape(-1, grad_out.shape[-1]).float()
+        # the sketch lives with the layer's weight: on the CPU when FSDP2 offloads it, while x and g are on the GPU
+        x = x.reshape(-1, x.shape[-1]).to(self.device, torch.float32)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(self.device, torch.float32)
         live = g.abs().amax(dim=1) > 0  # tokens the loss depends on (not padding, not after the last label)
         x, g = x[live], g[live]
         omega, psi = self.test_matrices()
