@@ -327,7 +327,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.summarize:
         merged = [json.loads(path.read_text()) for path in args.summarize]
-        results = {"runs": [r for m in merged for r in m["runs"]  # the grid, seeds and methods asked for
+        unique = {(r["task"], r["method"], r["lr"], r["seed"]): r for m in reversed(merged) for r in m["runs"]}
+        results = {"runs": [r for r in unique.values()  # the grid, seeds and methods asked for; a run once
                             if r["lr"] in args.lrs and r["seed"] in args.seeds and r["method"] in args.methods]}
         for m in merged:
             results.setdefault("kept_bytes", {}).update(m.get("kept_bytes", {}))
