@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,13 +33,20 @@ WORKER = ROOT / "tests" / "workers" / "deepspeed_train.py"
 STEPS, SEQ = 4, 16
 
 
-def torchrun(*argv) -> None:
+def torchrun(*argv, timeout: int = 300) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(worker.WORLD), *map(str, argv)]
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    if done.returncode != 0:  # the error lines of both ranks, not only torchrun's summary
-        output = (done.stdout + done.stderr).splitlines()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun's workers too: none is left running after the test
+        process.communicate()
+        pytest.fail(f"{Path(argv[0]).name} on {worker.WORLD} ranks did not finish in {timeout} s")
+    if process.returncode != 0:  # the error lines of both ranks, not only torchrun's summary
+        output = (stdout + stderr).splitlines()
         errors = [line for line in output if re.search(r"Error|error:|what\(\)|terminate|Traceback", line)]
         pytest.fail("\n".join(errors[-40:] + output[-20:]))
 
