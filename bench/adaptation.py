@@ -215,23 +215,24 @@ def run(args) -> dict:
     return results
 
 
-def best_runs(runs: list[dict], task: str, method: str) -> tuple[float, list[dict]]:
-    """(best lr, its runs): the grid value with the lowest final held-out loss averaged over the seeds."""
+def runs_by_lr(runs: list[dict], task: str, method: str) -> dict[float, list[dict]]:
     by_lr: dict[float, list[dict]] = {}
     for r in runs:
         if r["task"] == task and r["method"] == method:
             by_lr.setdefault(r["lr"], []).append(r)
+    return by_lr
+
+
+def best_runs(runs: list[dict], task: str, method: str) -> tuple[float, list[dict]]:
+    """(best lr, its runs): the grid value with the lowest final held-out loss averaged over the seeds."""
+    by_lr = runs_by_lr(runs, task, method)
     best = min(by_lr, key=lambda lr: statistics.mean(r["curve"][-1] for r in by_lr[lr]))
     return best, by_lr[best]
 
 
 def pruned_rates(runs: list[dict], task: str, method: str, factor: float) -> set[float]:
     """The rates whose mean final held-out loss in `runs` is above `factor` x the method's best rate's."""
-    by_lr: dict[float, list[float]] = {}
-    for r in runs:
-        if r["task"] == task and r["method"] == method:
-            by_lr.setdefault(r["lr"], []).append(r["curve"][-1])
-    means = {lr: statistics.mean(losses) for lr, losses in by_lr.items()}
+    means = {lr: statistics.mean(r["curve"][-1] for r in chosen) for lr, chosen in runs_by_lr(runs, task, method).items()}
     return {lr for lr, mean in means.items() if mean > factor * min(means.values())}
 
 

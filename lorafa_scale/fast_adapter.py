@@ -22,7 +22,8 @@ Never forming G (a Llama-3-70B MLP layer's is ~0.9 GB in fp32): a one-pass rando
 al. 2017, "Practical sketching algorithms for low-rank matrix approximation") keeps per layer
     range  = G^T Omega  (in x l),   corange = Psi G^T  (l2 x out),   sq = sum_t x_t^2  (in),
 with Omega (out x l), Psi (l2 x in) Gaussian, l = k + oversample, l2 = 2 l + 1: O((in + out)(k + p))
-numbers (Omega and Psi are redrawn from a seed whenever they are used, so only the sketches are held). At the end, with w = D^-1/2: Q = orth(w * range) spans M^T's range; since corange =
+numbers (Omega and Psi are redrawn from a seed whenever they are used, so only the sketches are held).
+At the end, with w = D^-1/2: Q = orth(w * range) spans M^T's range; since corange =
 (Psi D^1/2) M^T, X = (Psi D^1/2 Q)^+ corange ~ Q^T M^T, and M's right singular vectors are Q U, with
 X = U S V^T (a small SVD). The sketches are summed over data-parallel ranks before that step, so a run on
 n ranks equals one process on the same global batches. Omega and Psi come from the layer's own seed, drawn
