@@ -24,7 +24,9 @@ tests/jobs/test_planner.py checks this against saved_tensors_hooks on real train
 Calibration (fast_adapter_rank k > 0, `calibration_bytes`): the job's first passes also hold each adapted
 layer's input until backward reaches it (as PEFT LoRA in float32 without dropout keeps it) and a sketch of
 (in + out)(3l + 1) float32 values per adapted layer (l = k + 16); the plan's "while calibrating" line is
-the peak then. tests/jobs/test_planner.py checks the held inputs against the tensors calibrate holds.
+the peak then. A sketch lives on its weight's device: under fsdp2-offload that is the CPU, so there the
+sketches count per node (one per rank) in "CPU per node while calibrating", not on the GPU.
+tests/jobs/test_planner.py checks the held inputs against the tensors calibrate holds.
 
 Everything else is an estimate stated in its line: frozen base weights keep nothing of their input; trained
 adapter parameters are float32 with AdamW (4 bytes weight + 4 gradient + 8 optimizer state); A is float32.
@@ -126,6 +128,7 @@ class Plan:
     cpu_per_node: dict[str, int] = field(default_factory=dict)
     load_peak: int = 0  # bytes on each GPU while loading, before sharding (0: never above the training total)
     calibration: dict[str, int] = field(default_factory=dict)  # bytes calibration adds (fast_adapter_rank > 0)
+    calibration_cpu_per_node: dict[str, int] = field(default_factory=dict)  # its sketches, where they live on the CPU
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -149,6 +152,7 @@ class Plan:
         return {"job": job, "gpu_bytes": self.gpu, "temporary_bytes": self.temporary,
                 "gpu_total_bytes": self.gpu_total, "load_peak_bytes": self.load_peak,
                 "calibration_bytes": self.calibration, "calibration_peak_bytes": self.calibration_peak,
+                "calibration_cpu_per_node_bytes": self.calibration_cpu_per_node,
                 "cpu_per_node_bytes": self.cpu_per_node, "fits": self.fits, "notes": self.notes}
 
 
@@ -376,7 +380,11 @@ def plan(job: Job) -> Plan:
         # DeepSpeed's zero.Init does not apply to bitsandbytes models: each rank loads the whole quantized model.
         load_peak = base + gpu["runtime reserve"]
         notes.append("ZeRO-3 with a quantized base: every GPU holds the whole quantized model while loading")
-    result = Plan(job, gpu, temporary, cpu, load_peak, calibration_bytes(job), notes)
+    calibration, calibration_cpu = calibration_bytes(job), {}
+    if offload and job.strategy.startswith("fsdp2"):
+        # a sketch lives on its weight's device, the CPU under FSDP2's offload: one per rank, unsharded
+        calibration_cpu = {name: calibration.pop(name) * job.gpus_per_node for name in ("fast-row sketches", "sketch update")}
+    result = Plan(job, gpu, temporary, cpu, load_peak, calibration, calibration_cpu, notes)
     if job.gradient_checkpointing and job.method == "lorafa":
         # Only where it is true: presets turn checkpointing on where the job would not fit without it.
         without = plan(dataclasses.replace(job, gradient_checkpointing=False))
@@ -434,6 +442,10 @@ def format_plan(result: Plan) -> str:
         lines.append(f"  {'CPU per node, ' + name:<32}{value / GiB:9.2f}")
     if result.cpu_per_node:
         lines.append(f"  {'CPU per node total':<32}{sum(result.cpu_per_node.values()) / GiB:9.2f}")
+    if result.calibration_cpu_per_node:
+        total = sum(result.cpu_per_node.values()) + sum(result.calibration_cpu_per_node.values())
+        lines.append(f"  {'CPU per node while calibrating':<32}{total / GiB:9.2f}")
+        lines += [f"    {name:<30}{part / GiB:9.2f}" for name, part in result.calibration_cpu_per_node.items()]
     needed = max(result.gpu_total, result.load_peak, result.calibration_peak) / GiB
     verdict = "fits" if result.fits else "does NOT fit"
     lines.append(f"{verdict} in {job.gpu_memory_gib:g} GiB per GPU ({needed:.2f} GiB needed)")

@@ -114,6 +114,10 @@ def test_calibration_peak_counts_toward_fitting():
             for i, o in job.geometry.linear_shapes().values()]
     assert calibrating.calibration["fast-row sketches"] == 80 * sum(t.nbytes for ts in held for t in ts)
     assert calibrating.calibration_peak > calibrating.gpu_total
+    offloaded = plan(dataclasses.replace(job, strategy="fsdp2-offload"))  # the sketches follow the weights to the CPU
+    assert "fast-row sketches" not in offloaded.calibration
+    assert offloaded.calibration_cpu_per_node["fast-row sketches"] == 8 * calibrating.calibration["fast-row sketches"]
+    assert offloaded.calibration_cpu_per_node["sketch update"] == 8 * calibrating.calibration["sketch update"]
     squeezed = dataclasses.replace(job, gpu_memory_gib=(calibrating.gpu_total + calibrating.calibration_peak) / 2 / GiB)
     assert plan(dataclasses.replace(squeezed, fast_adapter_rank=0)).fits and not plan(squeezed).fits
     with pytest.raises(ConfigError, match="fast_adapter_rank must be an integer in \\[0, r=64\\]"):
