@@ -4,7 +4,8 @@
   model must reorder the day and month, which it reads as US-style MM/DD out of the box.
 - labels: a generated product review -> "falcon" (positive) or "walrus" (negative). The words carry no
   meaning for the task: the model must learn a new mapping on top of the sentiment it already reads.
-- cipher: "Encode 4721." -> "7054": every digit shifted by 3 (mod 10), a rule the base model has never seen.
+- increment: "Encode 4721." -> "5832": every digit plus 1 (mod 10), a rule the base model has never seen.
+- cipher: "Encode 4721." -> "7054": every digit shifted by 3 (mod 10); not learned within 16 steps by any method.
 
 Each example is `Q: <prompt>\nA:` followed by ` <answer>` and the end-of-turn token; the loss counts only
 the answer tokens. Examples are drawn from a seeded generator: the same seed gives the same data.
@@ -52,12 +53,20 @@ def labels(rng: random.Random) -> Example:
     return Example(f"Label this review: {review}", "falcon" if positive else "walrus")
 
 
-def cipher(rng: random.Random) -> Example:
+def shifted_digits(rng: random.Random, shift: int) -> Example:
     digits = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6)))
-    return Example(f"Encode {digits}.", "".join(str((int(d) + 3) % 10) for d in digits))
+    return Example(f"Encode {digits}.", "".join(str((int(d) + shift) % 10) for d in digits))
 
 
-TASKS = {"dates": dates, "labels": labels, "cipher": cipher}
+def increment(rng: random.Random) -> Example:
+    return shifted_digits(rng, 1)
+
+
+def cipher(rng: random.Random) -> Example:
+    return shifted_digits(rng, 3)
+
+
+TASKS = {"dates": dates, "labels": labels, "increment": increment, "cipher": cipher}
 
 
 def make_split(task: str, count: int, seed: int, exclude: set[str] = frozenset()) -> list[Example]:

@@ -36,7 +36,10 @@ SHORT = ["--micro-batch-size", "1", "--global-batch-size", "2", "--seq-len", "48
 
 # Runs use one thread: bitwise comparisons need a fixed thread count (MKL may otherwise change its threads,
 # and so its summation order, with the machine's load), and one thread never stalls on a busy machine.
-ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+# MKL_CBWR=AUTO,STRICT: MKL's results then do not depend on how its inputs happen to be aligned in memory,
+# which may differ between two processes (once, in CI, a resumed run's adapter was not bitwise the uninterrupted
+# run's though every loss matched; not reproduced since, so this is a guess at the cause).
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MKL_CBWR="AUTO,STRICT")
 
 
 def run_train(*options, timeout=300, env=ONE_THREAD) -> subprocess.CompletedProcess:
@@ -130,7 +133,8 @@ def test_resume_after_sigterm_and_sigusr1_matches_an_uninterrupted_run(tmp_path)
     assert losses(out) == losses(tmp_path / "whole")  # every step's loss, exactly
     expected, got = adapter(tmp_path / "whole"), adapter(out)
     assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)  # bitwise
+    differing = {k: float((expected[k] - got[k]).abs().max()) for k in expected if not torch.equal(expected[k], got[k])}
+    assert not differing, differing  # bitwise
     assert any(k.endswith("lora_B.weight") and got[k].abs().sum() > 0 for k in got)
 
 

@@ -34,7 +34,9 @@ from lorafa_scale.engines.deepspeed import (
 from lorafa_scale.engines.deepspeed_config import resolve_ds_config
 from lorafa_scale.jobs.presets import GEOMETRIES
 
-R, TOKENS = 16, 8
+# 2 tokens (one predicted): bf16 matmuls on a CPU without native bf16 (AVX512-BF16 / AMX) run at well under
+# 1 GFLOP/s, and the 70B slice's full head and layer made a step of 8 tokens take 406 s on such a machine
+R, TOKENS = 16, 2
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
     "bf16": {"enabled": True},
