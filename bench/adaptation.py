@@ -269,10 +269,10 @@ def summarize(results: dict, eval_every: int) -> str:
                           and math.isclose(r["lr"], default, rel_tol=1e-6)]
             calib = statistics.mean(r["calib_seconds"] for r in chosen)
             lines.append(
-                f"| {method} | {best:g} | {len(chosen)} | " + " ".join(f"{v:.3f}" for v in curve)
-                + f" | **{curve[-1]:.3f}** | {reached if reached is not None else '>' + str((len(curve) - 1) * eval_every)}"
+                f"| {method} | {best:g} | {len(chosen)} | " + " ".join(f"{v:.3g}" for v in curve)
+                + f" | **{curve[-1]:.4f}** | {reached if reached is not None else '>' + str((len(curve) - 1) * eval_every)}"
                 + (f" | {statistics.mean(em):.2f} | " if em else " | - | ")
-                + (f"{statistics.mean(at_default):.3f} (lr {default:g})" if at_default else f"- (lr {default:.3g})")
+                + (f"{statistics.mean(at_default):.4f} (lr {default:g})" if at_default else f"- (lr {default:.3g})")
                 + f" | {calib:.1f} | " + (f"{kept[method] / 2**20:.1f}" if method in kept else "-") + " |")
     return "\n".join(lines)
 
