@@ -22,7 +22,7 @@ SLICES = ("llama-2-13b", "llama-3-70b")
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("slices")
-    torchrun(worker.__file__, "--out", out, *SLICES, timeout=900)  # 128 s on 2 cores with AVX2 only (2026-12-02)
+    torchrun(worker.__file__, "--out", out, *SLICES, timeout=900)  # 105 s on 2 cores with AVX2 only (2026-12-02)
     return {name: json.loads((out / f"{name}.json").read_text()) for name in SLICES}
 
 
