@@ -381,7 +381,7 @@ def plan(job: Job) -> Plan:
         load_peak = base + gpu["runtime reserve"]
         notes.append("ZeRO-3 with a quantized base: every GPU holds the whole quantized model while loading")
     calibration, calibration_cpu = calibration_bytes(job), {}
-    if offload and job.strategy.startswith("fsdp2") and calibration:
+    if job.strategy == "fsdp2-offload" and calibration:
         # a sketch lives on its weight's device, the CPU under FSDP2's offload: one per rank, unsharded
         calibration_cpu = {name: calibration.pop(name) * job.gpus_per_node for name in ("fast-row sketches", "sketch update")}
     result = Plan(job, gpu, temporary, cpu, load_peak, calibration, calibration_cpu, notes)
