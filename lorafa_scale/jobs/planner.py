@@ -21,9 +21,9 @@ gate and up (2f d), and the model keeps the final norm's input and the gradient 
 (2h d per token) instead of the log-softmax and the labels.
 tests/jobs/test_planner.py checks this against saved_tensors_hooks on real training steps.
 
-Calibration (fast_adapter_rank k > 0, `calibration_bytes`): the job's first passes also hold each adapted
-layer's input until backward reaches it (as PEFT LoRA in float32 without dropout keeps it) and a sketch of
-(in + out)(3l + 1) float32 values per adapted layer (l = k + 16); the plan's "while calibrating" line is
+Calibration (fast_adapter_rank k > 0, `calibration_bytes` and `sketch_bytes`): the job's first passes also
+hold each adapted layer's input until backward reaches it (as PEFT LoRA in float32 without dropout keeps it)
+and a sketch of (in + out)(3l + 1) float32 values per adapted layer (l = k + 16); the "while calibrating" line is
 the peak then. A sketch lives on its weight's device: under fsdp2-offload that is the CPU, so there the
 sketches count per node (one per rank) in "CPU per node while calibrating", not on the GPU.
 tests/jobs/test_planner.py checks the held inputs against the tensors calibrate holds.
@@ -289,18 +289,27 @@ def peak_activation_bytes(job: Job) -> int:
 
 
 def calibration_bytes(job: Job) -> dict[str, int]:
-    """What calibrating k fast rows (lorafa_scale.calibrate) holds on each GPU beyond the weights.
+    """What calibrating k fast rows (lorafa_scale.calibrate) holds on each GPU beyond the weights and sketches.
 
     Its passes keep what a training forward keeps, all of the first layer too (the embeddings' output needs
-    a gradient), plus each adapted layer's input, held by the layer's gradient hook until backward reaches
-    it; each layer's sketch (fast_adapter.GradientSketch: the range and corange sketches, the squares;
-    unsharded on every rank); and, while a sketch takes in a micro batch, float32 copies of one layer's live
-    inputs and output gradients and its test matrices Omega and Psi, drawn for that update only."""
+    a gradient), plus each adapted layer's input, held by the layer's gradient hook until backward reaches it."""
     if not job.fast_adapter_rank:
         return {}
     g, d = job.geometry, DTYPE_BYTES[job.dtype]
     held = sum(g.linear_shapes()[t][0] * d for t in job.targets if _owns_input(job, t, attention_kept=True))
     per_layer = activation_bytes_per_token(job) + held  # the first layer too
+    return {"activations and held inputs": _activations(job, per_layer, per_layer, job.gradient_checkpointing)}
+
+
+def sketch_bytes(job: Job) -> dict[str, int]:
+    """What calibration's sketches take on each rank, on their weight's device (calibration_bytes' companion).
+
+    Each layer's sketch (fast_adapter.GradientSketch: the range and corange sketches, the squares; unsharded
+    on every rank); and, while a sketch takes in a micro batch, float32 copies of one layer's live inputs and
+    output gradients and its test matrices Omega and Psi, drawn for that update only."""
+    if not job.fast_adapter_rank:
+        return {}
+    g = job.geometry
     sketches, update = 0, 0
     for target in job.targets:
         in_features, out_features = g.linear_shapes()[target]
@@ -309,8 +318,7 @@ def calibration_bytes(job: Job) -> dict[str, int]:
         sketches += 4 * (in_features * width + co_width * out_features + in_features + 1) * g.num_hidden_layers
         test_matrices = 4 * (out_features * width + co_width * in_features)
         update = max(update, 8 * job.tokens * (in_features + out_features) + test_matrices)
-    return {"activations and held inputs": _activations(job, per_layer, per_layer, job.gradient_checkpointing),
-            "fast-row sketches": sketches, "sketch update": update}
+    return {"fast-row sketches": sketches, "sketch update": update}
 
 
 # -- the plan ------------------------------------------------------------------------------------------------
@@ -381,9 +389,11 @@ def plan(job: Job) -> Plan:
         load_peak = base + gpu["runtime reserve"]
         notes.append("ZeRO-3 with a quantized base: every GPU holds the whole quantized model while loading")
     calibration, calibration_cpu = calibration_bytes(job), {}
-    if job.strategy == "fsdp2-offload" and calibration:
+    if job.strategy == "fsdp2-offload":
         # a sketch lives on its weight's device, the CPU under FSDP2's offload: one per rank, unsharded
-        calibration_cpu = {name: calibration.pop(name) * job.gpus_per_node for name in ("fast-row sketches", "sketch update")}
+        calibration_cpu = {name: part * job.gpus_per_node for name, part in sketch_bytes(job).items()}
+    else:
+        calibration.update(sketch_bytes(job))
     result = Plan(job, gpu, temporary, cpu, load_peak, calibration, calibration_cpu, notes)
     if job.gradient_checkpointing and job.method == "lorafa":
         # Only where it is true: presets turn checkpointing on where the job would not fit without it.
