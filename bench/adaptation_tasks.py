@@ -4,7 +4,10 @@
   model must reorder the day and month, which it reads as US-style MM/DD out of the box.
 - labels: a generated product review -> "falcon" (positive) or "walrus" (negative). The words carry no
   meaning for the task: the model must learn a new mapping on top of the sentiment it already reads.
+- topics: a generated news headline (sport, weather, cooking, music, science) -> one of five words that carry
+  no meaning for the task ("comet", "maple", "harbor", "velvet", "thistle"): labels' new mapping, five-way.
 - increment: "Encode 4721." -> "5832": every digit plus 1 (mod 10), a rule the base model has never seen.
+- increment2: "Encode 4721." -> "6943": every digit plus 2; half learned in 16 steps, where increment saturates.
 - cipher: "Encode 4721." -> "7054": every digit shifted by 3 (mod 10); not learned within 16 steps by any method.
 
 Each example is `Q: <prompt>\nA:` followed by ` <answer>` and the end-of-turn token; the loss counts only
@@ -23,6 +26,7 @@ import sys
 from dataclasses import dataclass
 
 MONTHS = 12
+PLACES = ["in Lisbon", "on Monday", "this week", "in Oslo", "yesterday", "in Nairobi", "last night", "in Lima"]
 PRODUCTS = ["soup", "phone", "hotel", "movie", "jacket", "laptop", "pizza", "concert", "book", "chair", "camera",
             "train ride", "coffee", "game", "shoes", "museum tour"]
 GOOD = ["wonderful", "excellent", "delightful", "superb", "fantastic", "lovely", "great", "impressive", "perfect",
@@ -31,6 +35,23 @@ BAD = ["awful", "terrible", "disappointing", "horrible", "dreadful", "poor", "br
 GOOD_TAILS = ["I would buy it again.", "Highly recommended.", "It made my day.", "Worth every penny.",
               "I loved it."]
 BAD_TAILS = ["I want a refund.", "Never again.", "It ruined my day.", "A waste of money.", "I regret it."]
+# topic -> (its label, the nouns and the events a headline about it is built from)
+TOPICS = {
+    "sport": ("comet", ["the striker", "the home team", "the coach", "the goalkeeper", "the champion"],
+              ["won the final", "scored twice", "lost the derby", "signed a new contract", "broke the league record"]),
+    "weather": ("maple", ["a storm", "the heatwave", "heavy snow", "the fog", "a cold front"],
+                ["closed the airport", "hit the coast", "is expected tonight", "broke a temperature record",
+                 "flooded the valley"]),
+    "cooking": ("harbor", ["the chef", "a new bakery", "the restaurant", "the soup recipe", "a food critic"],
+                ["won a cooking award", "added a spicy menu", "baked a giant cake", "opened a noodle bar",
+                 "praised the dessert"]),
+    "music": ("velvet", ["the band", "the orchestra", "a young pianist", "the singer", "the jazz trio"],
+              ["released a new album", "sold out the stadium", "played a surprise concert", "topped the charts",
+               "cancelled the tour"]),
+    "science": ("thistle", ["the telescope", "a research team", "the lab", "the space probe", "a biologist"],
+                ["discovered a new species", "measured the gravity wave", "landed on the comet",
+                 "published the genome", "built a quantum chip"]),
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,12 @@ def labels(rng: random.Random) -> Example:
     return Example(f"Label this review: {review}", "falcon" if positive else "walrus")
 
 
+def topics(rng: random.Random) -> Example:
+    label, subjects, events = TOPICS[rng.choice(sorted(TOPICS))]
+    headline = f"{rng.choice(subjects).capitalize()} {rng.choice(events)} {rng.choice(PLACES)}."
+    return Example(f"Tag this headline: {headline}", label)
+
+
 def shifted_digits(rng: random.Random, shift: int) -> Example:
     digits = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6)))
     return Example(f"Encode {digits}.", "".join(str((int(d) + shift) % 10) for d in digits))
@@ -66,7 +93,12 @@ def cipher(rng: random.Random) -> Example:
     return shifted_digits(rng, 3)
 
 
-TASKS = {"dates": dates, "labels": labels, "increment": increment, "cipher": cipher}
+def increment_by_two(rng: random.Random) -> Example:
+    return shifted_digits(rng, 2)
+
+
+TASKS = {"dates": dates, "labels": labels, "topics": topics, "increment": increment, "increment2": increment_by_two,
+         "cipher": cipher}
 
 
 def make_split(task: str, count: int, seed: int, exclude: set[str] = frozenset()) -> list[Example]:
