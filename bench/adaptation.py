@@ -286,8 +286,12 @@ def plot(results: dict, eval_every: int, path: Path) -> None:
 
     runs = results["runs"]
     tasks = sorted({r["task"] for r in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks, strict=False):  # the grid may have empty panels at its end
         present = {r["method"] for r in runs if r["task"] == task}
         for method in [m for m in METHODS if m in present] + sorted(present - set(METHODS)):
             best, chosen = best_runs(runs, task, method)
