@@ -103,17 +103,27 @@ TASKS = {"dates": dates, "labels": labels, "topics": topics, "increment": increm
 
 def make_split(task: str, count: int, seed: int, exclude: set[str] = frozenset()) -> list[Example]:
     """`count` distinct examples of `task` (none whose prompt is in `exclude`)."""
-    rng, seen, out = random.Random(seed), set(exclude), []
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    rng, seen, out, misses = random.Random(seed), set(exclude), [], 0
     while len(out) < count:
         example = TASKS[task](rng)
-        if example.prompt not in seen:
-            seen.add(example.prompt)
-            out.append(example)
+        if example.prompt in seen:
+            misses += 1
+            if misses > 100 * count + 10_000:  # the generator has run out of new prompts: fail instead of spinning
+                raise ValueError(f"task {task!r} gave only {len(out)} distinct examples of the {count} asked for")
+            continue
+        seen.add(example.prompt)
+        out.append(example)
     return out
 
 
 if __name__ == "__main__":
     task, count, *rest = sys.argv[1:]
-    for example in make_split(task, int(count), seed=int(rest[0]) if rest else 0):
+    try:
+        examples = make_split(task, int(count), seed=int(rest[0]) if rest else 0)
+    except ValueError as error:
+        sys.exit(f"adaptation_tasks.py: {error}")
+    for example in examples:
         print(json.dumps({"messages": [{"role": "user", "content": example.prompt},
                                        {"role": "assistant", "content": example.answer}]}))
