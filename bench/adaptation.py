@@ -11,7 +11,8 @@ later can skip, with --prune, the rates that earlier seeds put far from a method
 
 Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga"), peft-eva (EVA),
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
-by lorafa_scale.calibrate on the first --calib-batches training batches), and the ablation ours-k<k>-gradient
+by lorafa_scale.calibrate on the first --calib-batches training batches, the exact directions: angle 0),
+ours-k<k>-a<degrees> (the rows turned by that angle; ours-k16-a65 is the trainer's default), and the ablation ours-k<k>-gradient
 (calibrate(..., whiten=False): unit rows along the raw gradient's singular vectors, LoRA-GA's directions). Results: bench/results/adaptation.json and
 bench/results/adaptation.png (held-out loss curves at each method's best rate).
 """
@@ -97,6 +98,13 @@ def peft_config(**extra):
                            task_type="CAUSAL_LM", **extra)
 
 
+def ours_variant(method: str) -> tuple[int, bool, float]:
+    """(k, whiten, angle) of ours-k<k> (the exact calibrated directions), ours-k<k>-a<degrees> (turned by that
+    angle) or ours-k<k>-gradient (G's own singular vectors as unit rows, the ablation)."""
+    k, _, variant = method.removeprefix("ours-k").partition("-")
+    return int(k), variant != "gradient", float(variant.removeprefix("a")) if variant.startswith("a") else 0.0
+
+
 def build(method: str, base, batches, calib_batches: int, seed: int):
     """(model, calibration seconds) for `method`, its adapters drawn from `seed` and initialised (B untrained)."""
     import peft
@@ -120,13 +128,13 @@ def build(method: str, base, batches, calib_batches: int, seed: int):
         peft.initialize_lora_eva_weights(model, calib, show_progress_bar=False)
     elif method.startswith("peft-"):
         model = peft.get_peft_model(model, peft_config())
-    else:  # ours-k<k>, or ours-k<k>-gradient: the ablation with G's own singular vectors as unit rows
-        k, _, variant = method.removeprefix("ours-k").partition("-")
+    else:
+        k, whiten, angle = ours_variant(method)
         config = lorafa_scale.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
-                                         fast_adapter_rank=int(k), task_type="CAUSAL_LM")
+                                         fast_adapter_rank=k, task_type="CAUSAL_LM")
         model = lorafa_scale.get_peft_model(model, config)
-        if int(k):
-            lorafa_scale.calibrate(model, calib, whiten=variant != "gradient")
+        if k:
+            lorafa_scale.calibrate(model, calib, whiten=whiten, angle=angle)
     return model, time.perf_counter() - start
 
 
@@ -243,7 +251,8 @@ def mean_curve(runs: list[dict]) -> list[float]:
 def trainer_default_lr(method: str) -> float:
     """launch/train.py's default --lr for ours with fast_adapter_rank k; its random-A default for the others."""
     if method.startswith("ours-k"):
-        return default_lr(int(method.removeprefix("ours-k").partition("-")[0]), R)
+        k, _, angle = ours_variant(method)
+        return default_lr(k, R, angle)
     return DEFAULT_LR
 
 

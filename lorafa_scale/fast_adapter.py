@@ -18,6 +18,13 @@ and the rows a_j = sqrt(mean D) D^-1/2 v_j have, like a random unit row, a proje
 sqrt(mean D). They are orthogonal under D^-1, not in the plain inner product; the layer's gradient
 correction (A A^T)^-1 handles any A.
 
+`angle` turns the fast rows away from the calibrated directions: in whitened coordinates each v_j becomes
+cos(angle) v_j + sin(angle) q_j, with q_1..q_k random, orthonormal and orthogonal to all the v's, so the
+turned set is still orthonormal and each row keeps a cos^2 share of its calibrated direction. Measured on
+SmolLM2 (BENCHMARKS.md section 8): the exact directions learn a new mapping fast but, on rule tasks, take
+only a low learning rate and then stall; turned by 65 degrees they kept most of the first gain and trained
+at a random A's rates.
+
 Never forming G (a Llama-3-70B MLP layer's is ~0.9 GB in fp32): a one-pass randomized sketch (Tropp et
 al. 2017, "Practical sketching algorithms for low-rank matrix approximation") keeps per layer
     range  = G^T Omega  (in x l),   corange = Psi G^T  (l2 x out),   sq = sum_t x_t^2  (in),
@@ -33,6 +40,7 @@ draws other numbers than a CPU one, so GPU and CPU runs pick equally good, not i
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -46,6 +54,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .layer import LoraFALinear
 
 DEFAULT_OVERSAMPLE = 16
+DEFAULT_ANGLE = 65.0  # degrees; BENCHMARKS.md section 8
 # D is damped by this share of its mean before D^-1/2: input dimensions that are (almost) never active
 # would otherwise get unbounded weight.
 WHITENING_DAMPING = 1e-2
@@ -105,10 +114,11 @@ class GradientSketch:
         return [self.range, self.corange, self.sq, self.tokens]
 
     @torch.no_grad()
-    def fast_rows(self, whiten: bool = True) -> torch.Tensor:
+    def fast_rows(self, whiten: bool = True, angle: float = 0.0) -> torch.Tensor:
         """(k x in) fp32: sqrt(mean D) D^-1/2 v_j for the top-k right singular vectors v_j of G D^-1/2.
 
-        whiten=False: unit rows along G's own top right singular vectors (LoRA-GA's directions)."""
+        whiten=False: unit rows along G's own top right singular vectors (LoRA-GA's directions).
+        angle (degrees): each v_j turned by it toward a random unit vector orthogonal to all of them."""
         mean_sq = self.sq.double() / self.tokens.double().clamp(min=1)
         scale = mean_sq.mean().clamp(min=torch.finfo(torch.float32).tiny)
         w = (mean_sq + WHITENING_DAMPING * scale).rsqrt()
@@ -119,8 +129,18 @@ class GradientSketch:
         core = torch.linalg.lstsq(psi / w[None, :] @ q, self.corange.double()).solution
         u = torch.linalg.svd(core, full_matrices=False).U  # (l x l), singular values descending
         directions = q @ u[:, : self.k]  # (in x k), orthonormal, in whitened coordinates
-        # a sign convention (largest entry positive), so that float-level differences never flip a row
+        # a sign convention (largest entry positive), so that float-level differences never flip a row, nor
+        # (below) the way it turns
         directions *= directions.gather(0, directions.abs().argmax(0, keepdim=True)).sign()
+        if angle:
+            # CPU-drawn, so the same on any device; a seed apart from Omega's and Psi's, and from A's random rows'
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            turned = min(self.k, self.in_features - self.k)  # a layer narrower than 2 k has room to turn fewer
+            away = torch.randn(self.in_features, turned, dtype=torch.float64, generator=generator).to(q.device)
+            away = torch.linalg.qr(away - directions @ (directions.T @ away)).Q
+            radians = math.radians(angle)
+            directions = directions.clone()
+            directions[:, :turned] = math.cos(radians) * directions[:, :turned] + math.sin(radians) * away
         return (directions * w[:, None] * scale.sqrt()).T.float()
 
 
@@ -184,6 +204,7 @@ def calibrate(
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] = default_loss,
     oversample: int = DEFAULT_OVERSAMPLE,
     whiten: bool = True,
+    angle: float = DEFAULT_ANGLE,
     progress: bool = False,
 ) -> CalibrationReport:
     """Set the fast rows of A in every LoRA-FA layer from the gradients of `batches` (module docstring).
@@ -193,13 +214,17 @@ def calibrate(
     so input_ids / attention_mask / labels). Each rank passes its own batches; collective when
     torch.distributed is initialised. No parameter's .grad is touched and the optimizer sees nothing; B
     stays 0. whiten=False takes G's own singular vectors as unit rows (LoRA-GA's directions; the ablation in
-    bench/adaptation.py). Returns a CalibrationReport (its str is a one-line summary).
+    bench/adaptation.py). angle: degrees by which each fast row is turned from its calibrated direction
+    toward a random one orthogonal to all of them (0: exactly the calibrated directions; module docstring).
+    Returns a CalibrationReport (its str is a one-line summary).
     """
     started = time.perf_counter()
     lora_model = _lora_model(model)
     k = lora_model.config_lorafa.fast_adapter_rank
     if k == 0:
         raise ValueError("calibrate: fast_adapter_rank is 0 in this model's config; nothing to calibrate")
+    if not 0.0 <= angle <= 90.0:
+        raise ValueError(f"calibrate: angle must be between 0 and 90 degrees, got {angle}")
     layers = lora_model.lora_layers()
     sketches = {}
     for layer in layers:
@@ -262,7 +287,7 @@ def calibrate(
         if distributed:
             _sum_over_ranks(sketch.tensors())
         tokens = max(tokens, int(sketch.tokens))
-        rows = fast_adapter_rows(sketch.fast_rows(whiten), layer.r, layer.init_seed)
+        rows = fast_adapter_rows(sketch.fast_rows(whiten, angle), layer.r, layer.init_seed)
         with torch.no_grad():
             _assign(layer.lora_A.weight, rows, layer)
     lora_model.fast_rows_calibrated = True

@@ -83,7 +83,7 @@ def test_fast_rows_span_the_top_directions_of_the_explicit_gradient(whiten):
     model = model_with()
     exact = exact_statistics(model, data)
     # oversampling to the layer width makes the sketch exact: this checks the algebra, not the randomness
-    calibrate(model, data, whiten=whiten, oversample=128)
+    calibrate(model, data, whiten=whiten, angle=0, oversample=128)
     for layer, (g, mean_sq) in exact.items():
         angle = largest_angle(layer.lora_A.weight[:K], expected_directions(g, mean_sq, whiten))
         assert angle < 1e-3, angle
@@ -115,6 +115,29 @@ def test_sketch_at_default_oversampling_finds_a_decaying_spectrum():
     # each whitened row projects an input token about as much as a random unit row does: RMS sqrt(mean D)
     projection_rms = ((rows**2) * d).sum(1).sqrt()
     assert torch.allclose(projection_rms, d.mean().sqrt().expand(k), rtol=0.1)  # the damping takes ~5%
+
+
+@pytest.mark.parametrize(("angle", "n_in"), [(30.0, 96), (65.0, 96), (65.0, 10)], ids=["30", "65", "65-narrow"])
+def test_turned_rows_keep_the_stated_angle_to_the_calibrated_directions(angle, n_in):
+    """angle: in whitened coordinates the turned directions stay orthonormal and each is at exactly `angle`
+    from its own calibrated direction, orthogonal to the others: cos(angle) I between the two sets. A layer
+    narrower than 2 k (n_in 10, k 6) turns the first n_in - k rows and keeps the others exact."""
+    n_out, k = 80, 6
+    gen = torch.Generator().manual_seed(4)
+    sketch = GradientSketch(n_in, n_out, k, DEFAULT_OVERSAMPLE, seed=2, device="cpu")
+    scales = torch.exp(torch.randn(n_in, generator=gen))
+    for _ in range(3):
+        sketch.add(torch.randn(64, n_in, generator=gen) * scales, torch.randn(64, n_out, generator=gen))
+    d = sketch.sq.double() / sketch.tokens.double()
+    to_whitened = (d + WHITENING_DAMPING * d.mean()).sqrt() / d.mean().sqrt()  # undoes sqrt(mean D) D^-1/2
+    calibrated = sketch.fast_rows().double().T * to_whitened[:, None]
+    turned = sketch.fast_rows(angle=angle).double().T * to_whitened[:, None]
+    eye = torch.eye(k, dtype=torch.float64)
+    cosines = torch.ones(k, dtype=torch.float64)
+    cosines[:min(k, n_in - k)] = torch.cos(torch.tensor(angle, dtype=torch.float64).deg2rad())
+    assert torch.allclose(turned.T @ turned, eye, atol=1e-5)
+    assert torch.allclose(calibrated.T @ turned, torch.diag(cosines), atol=1e-5)
+    assert torch.equal(sketch.fast_rows(angle=angle), sketch.fast_rows(angle=angle))
 
 
 def test_rows_random_part_orthonormal_and_orthogonal_to_the_fast_rows():
@@ -166,7 +189,7 @@ def test_an_nf4_base_calibrates(tmp_path):
     x = data[0]["input_ids"]
     before = logits(model.eval(), x)
     exact = exact_statistics(model.train(), data)
-    calibrate(model, data, oversample=128)
+    calibrate(model, data, angle=0, oversample=128)
     assert torch.equal(logits(model.eval(), x), before)
     for layer, (g, mean_sq) in exact.items():
         assert largest_angle(layer.lora_A.weight[:K], expected_directions(g, mean_sq, True)) < 1e-3
@@ -196,6 +219,8 @@ def test_calibrate_refuses_k0_and_no_batches():
     with pytest.raises(ValueError, match="no batches"):
         calibrate(model, [])
     assert not model.fast_rows_calibrated
+    with pytest.raises(ValueError, match="angle must be between 0 and 90 degrees, got 120"):
+        calibrate(model, batches(), angle=120)
 
 
 def test_gradient_checkpointing_calibrates_the_same_a_and_reentrant_gets_a_clear_error():

@@ -19,6 +19,7 @@ import yaml
 from ..cli_args import Parser
 from ..config import ConfigError
 from ..engines.deepspeed_config import read_ds_config
+from ..fast_adapter import DEFAULT_ANGLE
 from .rundir import ENV_OUTPUT_DIR
 
 QUANTIZATION_CHOICES = ("none", "int8", "nf4", "fp4")
@@ -51,6 +52,7 @@ class TrainArgs:
     target_modules: list[str]
     fast_adapter_rank: int
     calibration_batches: int
+    fast_adapter_angle: float
     quantization: str
     dtype: str
     gradient_checkpointing: bool
@@ -107,8 +109,8 @@ def build_parser(prog: str = "lorafa-scale train") -> argparse.ArgumentParser:
     add("--seq-len", type=int, default=256, help="tokens per example; longer examples are truncated and counted")
     add("--packing", action=argparse.BooleanOptionalAction, default=False,
         help="pack short examples together into sequences of up to --seq-len tokens")
-    add("--lr", type=float, help="peak learning rate (AdamW, linear warmup then cosine decay; default: "
-        "2e-3 x 4^(-k/r) for --fast-adapter-rank k, i.e. 2e-3 with a random A and 5e-4 with every row calibrated)")
+    add("--lr", type=float, help="peak learning rate (AdamW, linear warmup then cosine decay; default: 2e-3, "
+        "or 2e-3 x 4^(-k/r) with --fast-adapter-angle 0 and --fast-adapter-rank k: 5e-4 with every row calibrated)")
     add("--warmup-steps", type=int, default=0, help="linear warmup steps")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay on B")
     add("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = no clipping)")
@@ -121,6 +123,9 @@ def build_parser(prog: str = "lorafa-scale train") -> argparse.ArgumentParser:
         "(0..r; default: r, every row; 0: all rows random)")
     add("--calibration-batches", type=int, default=4,
         help="global training batches the calibration of fast rows runs on (forward + backward each)")
+    add("--fast-adapter-angle", type=float, default=DEFAULT_ANGLE,
+        help=f"degrees (0-90) by which each calibrated row of A is turned toward a random direction "
+        f"(default {DEFAULT_ANGLE:g}; 0: exactly the calibrated directions)")
     add("--quantization", default="none", choices=QUANTIZATION_CHOICES, help="load the base model quantized")
     add("--dtype", default="auto", choices=DTYPE_CHOICES,
         help="base model dtype (auto: bfloat16 on a GPU that supports it, else float32)")
@@ -189,6 +194,8 @@ def _check(args: TrainArgs, world_size: int) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0 <= args.fast_adapter_rank <= args.r:
         raise ConfigError(f"--fast-adapter-rank must be between 0 and --r {args.r}, got {args.fast_adapter_rank}")
+    if not 0.0 <= args.fast_adapter_angle <= 90.0:
+        raise ConfigError(f"--fast-adapter-angle must be between 0 and 90 degrees, got {args.fast_adapter_angle}")
     for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "max_grad_norm", "calibration_batches"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
@@ -217,10 +224,13 @@ def _check(args: TrainArgs, world_size: int) -> None:
         )
 
 
-def default_lr(fast_adapter_rank: int, r: int) -> float:
-    """The peak learning rate tied to how many rows of A are calibrated: each method's best rate measured on
-    SmolLM2-135M-Instruct (BENCHMARKS.md section 8) was 2e-3 with a random A and 5e-4 with every row calibrated
-    (those rows all point where the loss falls, so each step moves the output further); log-linear between."""
+def default_lr(fast_adapter_rank: int, r: int, angle: float) -> float:
+    """The peak learning rate, from the best rates measured on SmolLM2-135M-Instruct (BENCHMARKS.md section 8):
+    2e-3 with a random A and with calibrated rows turned by the default 65 degrees; with the exact calibrated
+    directions (angle 0), which all point where the loss falls so that each step moves the output further,
+    5e-4 with every row calibrated, log-linear in k between. Other angles were not measured: pass --lr."""
+    if angle:
+        return 2e-3
     return 2e-3 * 4.0 ** (-min(max(fast_adapter_rank, 0), r) / r)
 
 
@@ -248,7 +258,7 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None,
     if namespace.fast_adapter_rank is None:
         namespace.fast_adapter_rank = namespace.r
     if namespace.lr is None and isinstance(namespace.fast_adapter_rank, int) and namespace.r > 0:
-        namespace.lr = default_lr(namespace.fast_adapter_rank, namespace.r)
+        namespace.lr = default_lr(namespace.fast_adapter_rank, namespace.r, namespace.fast_adapter_angle)
     args = TrainArgs(**vars(namespace))
     _check(args, world_size)
     if args.dtype == "auto":

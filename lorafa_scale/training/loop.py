@@ -192,15 +192,16 @@ def token_loss_sum(module, batch: dict, device) -> torch.Tensor:
                            reduction="sum")
 
 
-def calibrate_fast_rows(module, strategy: Strategy, schedule: BatchSchedule, batches: int) -> None:
+def calibrate_fast_rows(module, strategy: Strategy, schedule: BatchSchedule, batches: int, angle: float) -> None:
     """Collective: set the fast rows of A from the first `batches` training steps' micro-batches."""
     micro_batches = [b for step in range(batches) for b in schedule.micro_batches(step, strategy.rank,
                                                                                  strategy.world_size)]
     report = calibrate(module, micro_batches, loss_fn=lambda m, b: token_loss_sum(m, b, strategy.device),
-                       progress=strategy.is_main())
+                       angle=angle, progress=strategy.is_main())
     if strategy.is_main():
+        turned = f", turned {angle:g} degrees" if angle else ""
         print(f"lorafa-scale: calibrated {report.fast_rows} fast rows of A in {report.layers} layers on {batches} "
-              f"training batches ({report.batches} micro-batches, {report.tokens:,d} tokens) in "
+              f"training batches ({report.batches} micro-batches, {report.tokens:,d} tokens{turned}) in "
               f"{report.seconds:.1f} s", flush=True)
 
 
@@ -344,7 +345,7 @@ def train(args: TrainArgs) -> int:
               + (f" (resumed from {checkpoint})" if checkpoint else "") + f" | memory {_memory()}", flush=True)
     if checkpoint is None:
         if args.fast_adapter_rank and args.calibration_batches:
-            calibrate_fast_rows(module, strategy, schedule, args.calibration_batches)
+            calibrate_fast_rows(module, strategy, schedule, args.calibration_batches, args.fast_adapter_angle)
         torch.manual_seed(args.seed * 1000 + strategy.rank)  # dropout; restored from checkpoints on resume
 
     def checkpoint_now():

@@ -243,6 +243,7 @@ def model_dir(tmp_path_factory):
         (lambda d, m: ["--resume", d], "{d}: not a checkpoint for 1 process"),
         (lambda d, m: ["--r", "8", "--fast-adapter-rank", "9"], "--fast-adapter-rank must be between 0 and --r 8"),
         (lambda d, m: ["--calibration-batches", "-1"], "--calibration-batches must not be negative"),
+        (lambda d, m: ["--fast-adapter-angle", "95"], "--fast-adapter-angle must be between 0 and 90 degrees, got 95.0"),
     ],
 )
 def test_bad_input_is_a_one_line_error_before_any_work(tmp_path, model_dir, capsys, make_options, message):
