@@ -62,17 +62,22 @@ WHITENING_DAMPING = 1e-2
 
 @dataclass
 class CalibrationReport:
-    """What `calibrate` did: layers set, batches and tokens seen (summed over ranks), seconds."""
+    """What `calibrate` did: layers set, batches and tokens seen (summed over ranks), the turn, seconds."""
 
     layers: int
     fast_rows: int
     batches: int
     tokens: int
+    angle: float
     seconds: float
+
+    @property
+    def turned(self) -> str:
+        return f", turned {self.angle:g} degrees" if self.angle else ""
 
     def __str__(self) -> str:
         return (f"calibrated {self.fast_rows} fast rows of A in {self.layers} layers from {self.batches} batches "
-                f"({self.tokens:,d} tokens) in {self.seconds:.1f} s")
+                f"({self.tokens:,d} tokens{self.turned}) in {self.seconds:.1f} s")
 
 
 class GradientSketch:
@@ -139,7 +144,6 @@ class GradientSketch:
             away = torch.randn(self.in_features, turned, dtype=torch.float64, generator=generator).to(q.device)
             away = torch.linalg.qr(away - directions @ (directions.T @ away)).Q
             radians = math.radians(angle)
-            directions = directions.clone()
             directions[:, :turned] = math.cos(radians) * directions[:, :turned] + math.sin(radians) * away
         return (directions * w[:, None] * scale.sqrt()).T.float()
 
@@ -291,7 +295,7 @@ def calibrate(
         with torch.no_grad():
             _assign(layer.lora_A.weight, rows, layer)
     lora_model.fast_rows_calibrated = True
-    return CalibrationReport(len(layers), k, int(batches_seen), tokens, time.perf_counter() - started)
+    return CalibrationReport(len(layers), k, int(batches_seen), tokens, angle, time.perf_counter() - started)
 
 
 def warn_if_uncalibrated(lora_model: nn.Module) -> None:

@@ -199,9 +199,8 @@ def calibrate_fast_rows(module, strategy: Strategy, schedule: BatchSchedule, bat
     report = calibrate(module, micro_batches, loss_fn=lambda m, b: token_loss_sum(m, b, strategy.device),
                        angle=angle, progress=strategy.is_main())
     if strategy.is_main():
-        turned = f", turned {angle:g} degrees" if angle else ""
         print(f"lorafa-scale: calibrated {report.fast_rows} fast rows of A in {report.layers} layers on {batches} "
-              f"training batches ({report.batches} micro-batches, {report.tokens:,d} tokens{turned}) in "
+              f"training batches ({report.batches} micro-batches, {report.tokens:,d} tokens{report.turned}) in "
               f"{report.seconds:.1f} s", flush=True)
 
 
