@@ -152,8 +152,9 @@ def kept_bytes(model, batch) -> int:
     return measure_kept(lambda: model(**batch).loss, model)[0]
 
 
-def train(model, optimizer, batches, heldout_batch, eval_every: int, warmup: int) -> list[float]:
-    """Held-out loss at steps 0, eval_every, 2 eval_every, ... len(batches)."""
+def train(model, optimizer, batches, heldout_batch, eval_every: int, warmup: int, max_grad_norm: float) -> list[float]:
+    """Held-out loss at steps 0, eval_every, 2 eval_every, ... len(batches); gradients clipped to
+    max_grad_norm (0: not clipped)."""
     steps = len(batches)
 
     def factor(step):
@@ -167,6 +168,9 @@ def train(model, optimizer, batches, heldout_batch, eval_every: int, warmup: int
     for step, batch in enumerate(batches, start=1):
         loss = model(**batch).loss
         loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                           max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -201,7 +205,8 @@ def run(args) -> dict:
                     model = copy.deepcopy(initialised)
                     optimizer = make_optimizer(method, model, lr)
                     started = time.perf_counter()
-                    curve = train(model, optimizer, batches, heldout_batch, args.eval_every, args.warmup)
+                    curve = train(model, optimizer, batches, heldout_batch, args.eval_every, args.warmup,
+                                  args.max_grad_norm)
                     record = dict(task=task, method=method, lr=lr, seed=seed, curve=curve,
                                   calib_seconds=calib_seconds, train_seconds=time.perf_counter() - started)
                     if args.exact_match:
@@ -326,6 +331,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--max-grad-norm", type=float, default=0.0,
+                        help="clip gradients to this norm, as launch/train.py (its default 1.0); 0 = no clipping")
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ class TrainArgs:
     seq_len: int
     packing: bool
     lr: float
-    warmup_steps: int
+    warmup_steps: int | None
     weight_decay: float
     max_grad_norm: float
     r: int
@@ -111,7 +112,8 @@ def build_parser(prog: str = "lorafa-scale train") -> argparse.ArgumentParser:
         help="pack short examples together into sequences of up to --seq-len tokens")
     add("--lr", type=float, help="peak learning rate (AdamW, linear warmup then cosine decay; default: 2e-3, "
         "or 2e-3 x 4^(-k/r) with --fast-adapter-angle 0 and --fast-adapter-rank k: 5e-4 with every row calibrated)")
-    add("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    add("--warmup-steps", type=int, help="linear warmup steps (default: a tenth of the run's steps, rounded up, "
+        "as in the benchmark the default --lr comes from; 0: none)")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay on B")
     add("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = no clipping)")
     add("--r", type=int, default=16, help="adapter rank")
@@ -197,7 +199,7 @@ def _check(args: TrainArgs, world_size: int) -> None:
     if not 0.0 <= args.fast_adapter_angle <= 90.0:
         raise ConfigError(f"--fast-adapter-angle must be between 0 and 90 degrees, got {args.fast_adapter_angle}")
     for name in ("warmup_steps", "save_every", "eval_every", "weight_decay", "max_grad_norm", "calibration_batches"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
@@ -232,6 +234,12 @@ def default_lr(fast_adapter_rank: int, r: int, angle: float) -> float:
     if angle:
         return 2e-3
     return 2e-3 * 4.0 ** (-min(max(fast_adapter_rank, 0), r) / r)
+
+
+def default_warmup(total_steps: int) -> int:
+    """A tenth of the run's optimizer steps, rounded up: the benchmark that chose the default learning rate
+    warmed up 2 of 16 steps; without it the quick start's loss jumped at step 2 (README)."""
+    return math.ceil(total_steps / 10)
 
 
 def parse_args(argv: list[str] | None = None, world_size: int | None = None,

@@ -35,7 +35,7 @@ from ..lean import is_lean
 from ..model import get_peft_model
 from ..peft_format import AdapterFormatError
 from . import embedded, rundir
-from .args import TrainArgs, parse_args
+from .args import TrainArgs, default_warmup, parse_args
 from .checkpoint import (
     CHECKPOINTS_DIR,
     CheckpointError,
@@ -322,7 +322,8 @@ def train(args: TrainArgs) -> int:
     model = build_model(args, strategy)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = strategy.make_optimizer(trainable_params, args.lr, args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
+    warmup = default_warmup(total_steps) if args.warmup_steps is None else args.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
     module = strategy.setup(model, optimizer, scheduler)
     module.train()
 
@@ -340,7 +341,8 @@ def train(args: TrainArgs) -> int:
         print(f"lorafa-scale: run in {output} | {args.model} | {total / 1e6:.2f}M params, {trainable:,} trainable "
               f"({100 * trainable / total:.3f}%) | {strategy.name}, {strategy.world_size} process(es) | "
               f"micro {args.micro_batch_size} x accum {args.grad_accum} x {strategy.world_size} = global "
-              f"{args.global_batch_size} | {data.summary(args.seq_len)} | steps {state['step']}->{total_steps}"
+              f"{args.global_batch_size} | {data.summary(args.seq_len)} | lr {args.lr:g}, warmup {warmup} | "
+              f"steps {state['step']}->{total_steps}"
               + (f" (resumed from {checkpoint})" if checkpoint else "") + f" | memory {_memory()}", flush=True)
     if checkpoint is None:
         if args.fast_adapter_rank and args.calibration_batches:
