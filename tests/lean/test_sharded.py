@@ -32,7 +32,7 @@ def torchrun(*argv) -> None:
 def test_lean_equals_plain_when_sharded(engine, tmp_path):
     model_dir = save_tiny_llama(tmp_path / "model")
     torchrun(WORKER, engine, model_dir, tmp_path)
-    results = torch.load(tmp_path / f"lean_{engine}.pt")
+    results = torch.load(tmp_path / f"lean_{engine}.pt", weights_only=True)
     plain = results.pop("plain")
     assert plain["logits"] and not plain["lean"]
     for name, run in results.items():
