@@ -12,7 +12,7 @@ later can skip, with --prune, the rates that earlier seeds put far from a method
 Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga"), peft-eva (EVA),
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
 by lorafa_scale.calibrate on the first --calib-batches training batches, the exact directions: angle 0),
-ours-k<k>-a<degrees> (the rows turned by that angle; ours-k16-a65 is the trainer's default), and the ablation ours-k<k>-gradient
+ours-k<k>-a<degrees> (the rows turned by that angle; ours-k16-a80 is the trainer's default), and the ablation ours-k<k>-gradient
 (calibrate(..., whiten=False): unit rows along the raw gradient's singular vectors, LoRA-GA's directions). Results: bench/results/adaptation.json and
 bench/results/adaptation.png (held-out loss curves at each method's best rate).
 """
@@ -35,11 +35,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorafa_scale
 from lorafa_scale.jobs.planner import measure_kept
-from lorafa_scale.training.args import default_lr
+from lorafa_scale.training.args import RANDOM_A_LR, default_lr
 
 RESULTS = Path(__file__).resolve().parent / "results"
 R, ALPHA, BATCH, HELDOUT = 16, 32, 8, 64
-DEFAULT_LR = 2e-3  # launch/train.py's --lr default with a random A (--fast-adapter-rank 0)
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # = "all-linear"
 METHODS = ["peft-lora", "peft-lora-ga", "peft-eva", "peft-lorafa", "ours-k0", "ours-k4", "ours-k16"]
 
@@ -258,7 +257,7 @@ def trainer_default_lr(method: str) -> float:
     if method.startswith("ours-k"):
         k, _, angle = ours_variant(method)
         return default_lr(k, R, angle)
-    return DEFAULT_LR
+    return RANDOM_A_LR
 
 
 def summarize(results: dict, eval_every: int) -> str:

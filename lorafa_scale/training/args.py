@@ -110,8 +110,9 @@ def build_parser(prog: str = "lorafa-scale train") -> argparse.ArgumentParser:
     add("--seq-len", type=int, default=256, help="tokens per example; longer examples are truncated and counted")
     add("--packing", action=argparse.BooleanOptionalAction, default=False,
         help="pack short examples together into sequences of up to --seq-len tokens")
-    add("--lr", type=float, help="peak learning rate (AdamW, linear warmup then cosine decay; default: 2e-3, "
-        "or 2e-3 x 4^(-k/r) with --fast-adapter-angle 0 and --fast-adapter-rank k: 5e-4 with every row calibrated)")
+    add("--lr", type=float, help="peak learning rate (AdamW, linear warmup then cosine decay; default: 5e-3 with "
+        "every row calibrated and turned the default 80 degrees, 2e-3 with a random A (--fast-adapter-rank 0), "
+        "5e-4 with the exact rows (--fast-adapter-angle 0); README, 'Fast adaptation')")
     add("--warmup-steps", type=int, help="linear warmup steps (default: a tenth of the run's steps, rounded up, "
         "as in the benchmark the default --lr comes from; 0: none)")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay on B")
@@ -226,14 +227,22 @@ def _check(args: TrainArgs, world_size: int) -> None:
         )
 
 
+# The best peak rate with every row calibrated (k = r), by angle, measured on SmolLM2-135M-Instruct
+# (BENCHMARKS.md section 8): the exact directions (0) all point where the loss falls, so each step moves the
+# output further and they want a lower rate; the more a row is turned toward a random one, the closer its
+# rate comes to (and, whitened, passes) a random A's.
+RANDOM_A_LR = 2e-3
+BEST_LR_BY_ANGLE = ((0.0, 5e-4), (65.0, 2e-3), (80.0, 5e-3))
+
+
 def default_lr(fast_adapter_rank: int, r: int, angle: float) -> float:
-    """The peak learning rate, from the best rates measured on SmolLM2-135M-Instruct (BENCHMARKS.md section 8):
-    2e-3 with a random A and with calibrated rows turned by the default 65 degrees; with the exact calibrated
-    directions (angle 0), which all point where the loss falls so that each step moves the output further,
-    5e-4 with every row calibrated, log-linear in k between. Other angles were not measured: pass --lr."""
-    if angle:
-        return 2e-3
-    return 2e-3 * 4.0 ** (-min(max(fast_adapter_rank, 0), r) / r)
+    """The peak learning rate: RANDOM_A_LR with k = 0; with k = r, BEST_LR_BY_ANGLE, log-linear between the
+    measured angles and held beyond the last; log-linear in k between the two (2e-3 x 4^(-k/r) at angle 0)."""
+    pairs = list(zip(BEST_LR_BY_ANGLE, BEST_LR_BY_ANGLE[1:], strict=False))
+    (a0, lr0), (a1, lr1) = next((pair for pair in pairs if angle <= pair[1][0]), pairs[-1])
+    every_row = lr0 * (lr1 / lr0) ** min((angle - a0) / (a1 - a0), 1.0)
+    share = min(max(fast_adapter_rank, 0), r) / r
+    return RANDOM_A_LR * (every_row / RANDOM_A_LR) ** share
 
 
 def default_warmup(total_steps: int) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lorafa_scale.config import ConfigError
-from lorafa_scale.training.args import parse_args
+from lorafa_scale.fast_adapter import DEFAULT_ANGLE
+from lorafa_scale.training.args import default_lr, parse_args
 
 
 def test_recipe_supplies_options_and_command_line_wins(tmp_path):
@@ -71,3 +72,14 @@ def test_recipe_errors_name_the_recipe(tmp_path, content, message):
     recipe.write_text(content)
     with pytest.raises(ConfigError, match=rf"--recipe {recipe}: {message}"):
         parse_args(["--recipe", str(recipe)], world_size=1)
+
+
+def test_default_lr_follows_the_measured_rates():
+    # k = r at the measured angles (BENCHMARKS.md section 8), a random A at k = 0, log-linear between
+    assert default_lr(16, 16, 80.0) == pytest.approx(5e-3) and default_lr(16, 16, 90.0) == pytest.approx(5e-3)
+    assert default_lr(16, 16, 65.0) == pytest.approx(2e-3) and default_lr(16, 16, 0.0) == pytest.approx(5e-4)
+    assert default_lr(0, 16, 80.0) == pytest.approx(2e-3) and default_lr(4, 16, 0.0) == pytest.approx(2e-3 * 4**-0.25)
+    assert default_lr(16, 16, 72.5) == pytest.approx((2e-3 * 5e-3) ** 0.5)
+    rates = [default_lr(16, 16, float(angle)) for angle in range(0, 91, 5)]
+    assert rates == sorted(rates)
+    assert parse_args([], world_size=1).lr == pytest.approx(default_lr(16, 16, DEFAULT_ANGLE))

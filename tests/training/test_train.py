@@ -72,10 +72,10 @@ def test_embedded_default_end_to_end_and_refuses_to_overwrite(tmp_path):
     assert sorted(curve) == list(range(1, 101))
     first, last10 = curve[1], sum(curve[s] for s in range(91, 101)) / 10
     assert last10 < first - 0.8, (first, last10)
-    # The default warmup is a tenth of the run (10 of 100 steps), up to the default peak rate 2e-3.
-    assert "lr 0.002, warmup 10 | steps 0->100" in done.stdout
+    # The default warmup is a tenth of the run (10 of 100 steps), up to the default peak rate 5e-3.
+    assert "lr 0.005, warmup 10 | steps 0->100" in done.stdout
     rates = {r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if "lr" in r}
-    assert rates[1] == pytest.approx(2e-4) and rates[10] == pytest.approx(2e-3) and rates[100] < 1e-5
+    assert rates[1] == pytest.approx(5e-4) and rates[10] == pytest.approx(5e-3) and rates[100] < 1e-5
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "run_config.json").read_text())["global_batch_size"] == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-100", "step-50"]
