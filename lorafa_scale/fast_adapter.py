@@ -23,8 +23,8 @@ cos(angle) v_j + sin(angle) q_j, with q_1..q_k random, orthonormal and orthogona
 turned set is still orthonormal and each row keeps a cos^2 share of its calibrated direction. Measured on
 SmolLM2 (BENCHMARKS.md section 8): the exact directions learn a new mapping fast but, on rule tasks, take
 only a low learning rate and then stall; turned by 80 degrees (each row keeps cos^2 = 3% of its calibrated
-direction, the rest random but whitened) they train at a higher rate than a random A and beat it on all
-five tasks but one.
+direction, the rest random but whitened) they train at a random A's rate or above and ended below it on
+four of five tasks.
 
 Never forming G (a Llama-3-70B MLP layer's is ~0.9 GB in fp32): a one-pass randomized sketch (Tropp et
 al. 2017, "Practical sketching algorithms for low-rank matrix approximation") keeps per layer
