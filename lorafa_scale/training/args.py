@@ -110,9 +110,10 @@ def build_parser(prog: str = "lorafa-scale train") -> argparse.ArgumentParser:
     add("--seq-len", type=int, default=256, help="tokens per example; longer examples are truncated and counted")
     add("--packing", action=argparse.BooleanOptionalAction, default=False,
         help="pack short examples together into sequences of up to --seq-len tokens")
-    add("--lr", type=float, help="peak learning rate (AdamW, linear warmup then cosine decay; default: 5e-3 with "
-        "every row calibrated and turned the default 80 degrees, 2e-3 with a random A (--fast-adapter-rank 0), "
-        "5e-4 with the exact rows (--fast-adapter-angle 0); README, 'Fast adaptation')")
+    add("--lr", type=float, help="peak learning rate (AdamW, linear warmup then cosine decay; default: "
+        f"{default_lr(1, 1, DEFAULT_ANGLE):g} with every row calibrated and turned the default {DEFAULT_ANGLE:g} "
+        f"degrees, {RANDOM_A_LR:g} with a random A (--fast-adapter-rank 0), {default_lr(1, 1, 0.0):g} with the "
+        "exact rows (--fast-adapter-angle 0); README, 'Fast adaptation')")
     add("--warmup-steps", type=int, help="linear warmup steps (default: a tenth of the run's steps, rounded up, "
         "as in the benchmark the default --lr comes from; 0: none)")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay on B")
@@ -227,11 +228,11 @@ def _check(args: TrainArgs, world_size: int) -> None:
         )
 
 
-# The best peak rate with every row calibrated (k = r), by angle, measured on SmolLM2-135M-Instruct
-# (BENCHMARKS.md section 8): the exact directions (0) all point where the loss falls, so each step moves the
-# output further and they want a lower rate; the more a row is turned toward a random one, the closer its
-# rate comes to (and, whitened, passes) a random A's.
+# Best peak rates measured on SmolLM2-135M-Instruct (BENCHMARKS.md section 8). With a random A (k = 0):
 RANDOM_A_LR = 2e-3
+# With every row calibrated (k = r), by angle: the exact directions (0) all point where the loss falls, so each
+# step moves the output further and they want a lower rate; the more a row is turned toward a random one, the
+# closer its rate comes to (and, whitened, passes) a random A's.
 BEST_LR_BY_ANGLE = ((0.0, 5e-4), (65.0, 2e-3), (80.0, 5e-3))
 
 
