@@ -260,14 +260,17 @@ def trainer_default_lr(method: str) -> float:
     return RANDOM_A_LR
 
 
-def summarize(results: dict, eval_every: int) -> str:
-    """A markdown table per task: each method at its best lr (mean over seeds), and at the trainer's default lr."""
+def summarize(results: dict, eval_every: int, reference: list[dict] | None = None) -> str:
+    """A markdown table per task: each method at its best lr (mean over seeds), and at the trainer's default lr.
+    "steps to PEFT LoRA's final" takes PEFT LoRA's runs from `reference` (default: `results`'); "-" without them."""
     runs, lines = results["runs"], []
+    reference = runs if reference is None else reference
     kept = results.get("kept_bytes", {})
     for task in sorted({r["task"] for r in runs}):
         methods = [m for m in METHODS + sorted({r["method"] for r in runs} - set(METHODS))
                    if any(r["method"] == m and r["task"] == task for r in runs)]
-        target = mean_curve(best_runs(runs, task, "peft-lora")[1])[-1] if "peft-lora" in methods else None
+        has_target = any(r["method"] == "peft-lora" and r["task"] == task for r in reference)
+        target = mean_curve(best_runs(reference, task, "peft-lora")[1])[-1] if has_target else None
         lines += [f"\n{task} (held-out loss at steps 0, {eval_every}, {2 * eval_every}, ...; mean of seeds)\n",
                   "| method | best lr | seeds | held-out loss curve | final | steps to PEFT LoRA's final | "
                   "exact match | at the trainer's default lr | calibration s | kept for backward MiB |",
@@ -283,7 +286,8 @@ def summarize(results: dict, eval_every: int) -> str:
             calib = statistics.mean(r["calib_seconds"] for r in chosen)
             lines.append(
                 f"| {method} | {best:g} | {len(chosen)} | " + " ".join(f"{v:.3g}" for v in curve)
-                + f" | **{curve[-1]:.4f}** | {reached if reached is not None else '>' + str((len(curve) - 1) * eval_every)}"
+                + f" | **{curve[-1]:.4f}** | "
+                + (str(reached) if reached is not None else f">{(len(curve) - 1) * eval_every}" if has_target else "-")
                 + (f" | {statistics.mean(em):.2f} | " if em else " | - | ")
                 + (f"{statistics.mean(at_default):.4f} (lr {default:g})" if at_default else f"- (lr {default:.3g})")
                 + f" | {calib:.1f} | " + (f"{kept[method] / 2**20:.1f}" if method in kept else "-") + " |")
@@ -344,7 +348,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "adaptation.json")
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
                         help="only merge these result files into --out, print the tables and plot")
+    parser.add_argument("--reference", nargs="+", type=Path, metavar="JSON",
+                        help="take PEFT LoRA's final loss (for 'steps to PEFT LoRA's final') from these result files, "
+                             "e.g. for runs at a finer --eval-every that have no PEFT LoRA beside them")
     args = parser.parse_args(argv)
+    reference = None
+    if args.reference:
+        reference = [r for path in args.reference for r in json.loads(path.read_text())["runs"]
+                     if r["seed"] in args.seeds and r["lr"] in args.lrs]
     if args.summarize:
         merged = [json.loads(path.read_text()) for path in args.summarize]
         unique = {(r["task"], r["method"], r["lr"], r["seed"]): r for m in reversed(merged) for r in m["runs"]}
@@ -353,7 +364,7 @@ def main(argv=None) -> int:
         for m in merged:
             results.setdefault("kept_bytes", {}).update(m.get("kept_bytes", {}))
         args.out.write_text(json.dumps(results, indent=1))
-        print(summarize(results, args.eval_every))
+        print(summarize(results, args.eval_every, reference))
         plot(results, args.eval_every, args.out.with_suffix(".png"))
         return 0
     results = run(args)
