@@ -21,7 +21,9 @@ torch.distributed.checkpoint would write per-rank shards but reads its metadata 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,25 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def meta_build() -> Iterator[None]:
+    """Build a model with its parameters on the meta device (buffers stay real), for `setup` to shard and load.
+
+    transformers (5.25 on) kernelizes a model at the end of from_pretrained when the `kernels` package is
+    installed, and kernelize rejects a model on meta: hub kernels are off while building (USE_HUB_KERNELS,
+    restored on exit)."""
+    previous = os.environ.get("USE_HUB_KERNELS")
+    os.environ["USE_HUB_KERNELS"] = "NO"
+    try:
+        with init_empty_weights(include_buffers=False):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("USE_HUB_KERNELS", None)
+        else:
+            os.environ["USE_HUB_KERNELS"] = previous
+
+
 def init_adapters(model: LoraFAModel, seed: int, device: torch.device | str = "cpu") -> None:
     """(Re)create every adapter from `seed`: the same A on every rank, B = 0, the correction from the full A.
 
@@ -240,7 +261,7 @@ def load_model(
         model = load_quantized(path, quantization, dtype, lora_config, trust_remote_code=trust_remote_code)
     else:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with init_empty_weights(include_buffers=False):
+        with meta_build():
             hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         hf_model.tie_weights()  # init_empty_weights re-creates each parameter, which unties them
         model = get_peft_model(hf_model, lora_config)
@@ -299,7 +320,7 @@ class FSDPStrategy(Strategy):
         return self._device
 
     def model_init_context(self):
-        return init_empty_weights(include_buffers=False)
+        return meta_build()
 
     def setup(self, model: LoraFAModel, optimizer: torch.optim.Optimizer, scheduler: Any) -> nn.Module:
         """Shard the model (loading it if built on meta) and point the still stateless optimizer at the
