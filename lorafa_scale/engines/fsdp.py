@@ -81,7 +81,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def meta_build() -> Iterator[None]:
     """Build a model with its parameters on the meta device (buffers stay real), for `setup` to shard and load.
@@ -101,6 +100,7 @@ def meta_build() -> Iterator[None]:
             os.environ["USE_HUB_KERNELS"] = previous
 
 
+@torch.no_grad()
 def init_adapters(model: LoraFAModel, seed: int, device: torch.device | str = "cpu") -> None:
     """(Re)create every adapter from `seed`: the same A on every rank, B = 0, the correction from the full A.
 
