@@ -13,7 +13,8 @@ Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
 by lorafa_scale.calibrate on the first --calib-batches training batches, the exact directions: angle 0),
 ours-k<k>-a<degrees> (the rows turned by that angle; ours-k16-a80 is the trainer's default), and the ablation ours-k<k>-gradient
-(calibrate(..., whiten=False): unit rows along the raw gradient's singular vectors, LoRA-GA's directions). Results: bench/results/adaptation.json and
+(calibrate(..., whiten=False): unit rows along the raw gradient's singular vectors, LoRA-GA's directions;
+ours-k<k>-gradient-a<degrees> turns them). Results: bench/results/adaptation.json and
 bench/results/adaptation.png (held-out loss curves at each method's best rate).
 """
 
@@ -99,9 +100,11 @@ def peft_config(**extra):
 
 def ours_variant(method: str) -> tuple[int, bool, float]:
     """(k, whiten, angle) of ours-k<k> (the exact calibrated directions), ours-k<k>-a<degrees> (turned by that
-    angle) or ours-k<k>-gradient (G's own singular vectors as unit rows, the ablation)."""
+    angle) or ours-k<k>-gradient (G's own singular vectors as unit rows, the ablation; -gradient-a<degrees>
+    turns them)."""
     k, _, variant = method.removeprefix("ours-k").partition("-")
-    return int(k), variant != "gradient", float(variant.removeprefix("a")) if variant.startswith("a") else 0.0
+    turn = variant.removeprefix("gradient").removeprefix("-")
+    return int(k), not variant.startswith("gradient"), float(turn.removeprefix("a")) if turn else 0.0
 
 
 def build(method: str, base, batches, calib_batches: int, seed: int):

@@ -34,3 +34,10 @@ def test_steps_to_peft_lora_come_from_the_reference_runs():
     # a curve that never reaches it says so, with the last step evaluated
     slow = [run("ours-k0", 5e-3, 0, [4.0, 1.0, 0.5, 0.4, 0.3])]
     assert row(adaptation.summarize({"runs": slow}, eval_every=4, reference=reference), "ours-k0")[5] == ">16"
+
+
+def test_method_names_give_k_whitening_and_angle():
+    assert adaptation.ours_variant("ours-k0") == (0, True, 0.0)
+    assert adaptation.ours_variant("ours-k16-a80") == (16, True, 80.0)
+    assert adaptation.ours_variant("ours-k16-gradient") == (16, False, 0.0)
+    assert adaptation.ours_variant("ours-k16-gradient-a80") == (16, False, 80.0)
