@@ -98,13 +98,18 @@ def peft_config(**extra):
                            task_type="CAUSAL_LM", **extra)
 
 
-def ours_variant(method: str) -> tuple[int, bool, float]:
+def ours_variant(method: str) -> tuple[int, float, float]:
     """(k, whiten, angle) of ours-k<k> (the exact calibrated directions), ours-k<k>-a<degrees> (turned by that
-    angle) or ours-k<k>-gradient (G's own singular vectors as unit rows, the ablation; -gradient-a<degrees>
-    turns them)."""
+    angle), ours-k<k>-gradient (G's own singular vectors as unit rows, whiten 0, the ablation) or
+    ours-k<k>-w<power> (partly whitened, D^-power/2); the last two take -a<degrees> too."""
     k, _, variant = method.removeprefix("ours-k").partition("-")
-    turn = variant.removeprefix("gradient").removeprefix("-")
-    return int(k), not variant.startswith("gradient"), float(turn.removeprefix("a")) if turn else 0.0
+    whiten = 1.0
+    if variant.startswith("gradient"):
+        whiten, variant = 0.0, variant.removeprefix("gradient").removeprefix("-")
+    elif variant.startswith("w"):
+        power, _, variant = variant.partition("-")
+        whiten = float(power.removeprefix("w"))
+    return int(k), whiten, float(variant.removeprefix("a")) if variant else 0.0
 
 
 def build(method: str, base, batches, calib_batches: int, seed: int):

@@ -120,16 +120,16 @@ class GradientSketch:
         return [self.range, self.corange, self.sq, self.tokens]
 
     @torch.no_grad()
-    def fast_rows(self, whiten: bool = True, angle: float = 0.0) -> torch.Tensor:
+    def fast_rows(self, whiten: float = 1.0, angle: float = 0.0) -> torch.Tensor:
         """(k x in) fp32: sqrt(mean D) D^-1/2 v_j for the top-k right singular vectors v_j of G D^-1/2.
 
-        whiten=False: unit rows along G's own top right singular vectors (LoRA-GA's directions).
+        whiten: the power p of the weighting, D^-p/2 (1, the default, as above; 0: unit rows along G's own
+        top right singular vectors, LoRA-GA's directions; 0.5: D^-1/4, half-way).
         angle (degrees): each v_j turned by it toward a random unit vector orthogonal to all of them."""
         mean_sq = self.sq.double() / self.tokens.double().clamp(min=1)
-        scale = mean_sq.mean().clamp(min=torch.finfo(torch.float32).tiny)
-        w = (mean_sq + WHITENING_DAMPING * scale).rsqrt()
-        if not whiten:
-            w, scale = torch.ones_like(w), torch.ones_like(scale)
+        mean = mean_sq.mean().clamp(min=torch.finfo(torch.float32).tiny)
+        power = -whiten / 2
+        w = (mean_sq + WHITENING_DAMPING * mean) ** power  # all ones when whiten = 0
         q = torch.linalg.qr(w[:, None] * self.range.double()).Q  # (in x l): M^T's range
         psi = self.test_matrices()[1].double()
         core = torch.linalg.lstsq(psi / w[None, :] @ q, self.corange.double()).solution
@@ -146,7 +146,7 @@ class GradientSketch:
             away = torch.linalg.qr(away - directions @ (directions.T @ away)).Q
             radians = math.radians(angle)
             directions[:, :turned] = math.cos(radians) * directions[:, :turned] + math.sin(radians) * away
-        return (directions * w[:, None] * scale.sqrt()).T.float()
+        return (directions * (w / mean**power)[:, None]).T.float()
 
 
 def fast_adapter_rows(fast: torch.Tensor, r: int, seed: int) -> torch.Tensor:
@@ -208,7 +208,7 @@ def calibrate(
     *,
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] = default_loss,
     oversample: int = DEFAULT_OVERSAMPLE,
-    whiten: bool = True,
+    whiten: float = 1.0,
     angle: float = DEFAULT_ANGLE,
     progress: bool = False,
 ) -> CalibrationReport:
@@ -218,7 +218,8 @@ def calibrate(
     config's fast_adapter_rank. batches: dicts `loss_fn(model, batch)` takes (default: model(**batch).loss,
     so input_ids / attention_mask / labels). Each rank passes its own batches; collective when
     torch.distributed is initialised. No parameter's .grad is touched and the optimizer sees nothing; B
-    stays 0. whiten=False takes G's own singular vectors as unit rows (LoRA-GA's directions; the ablation in
+    stays 0. whiten: the power p of the input weighting D^-p/2 (1: the whitened gradient above; 0: G's own
+    singular vectors as unit rows, LoRA-GA's directions; in between: partly whitened; the ablations in
     bench/adaptation.py). angle: degrees by which each fast row is turned from its calibrated direction
     toward a random one orthogonal to all of them (0: exactly the calibrated directions; module docstring).
     Returns a CalibrationReport (its str is a one-line summary).
@@ -230,6 +231,8 @@ def calibrate(
         raise ValueError("calibrate: fast_adapter_rank is 0 in this model's config; nothing to calibrate")
     if not 0.0 <= angle <= 90.0:
         raise ValueError(f"calibrate: angle must be between 0 and 90 degrees, got {angle}")
+    if not 0.0 <= whiten <= 1.0:
+        raise ValueError(f"calibrate: whiten must be between 0 and 1, got {whiten}")
     layers = lora_model.lora_layers()
     sketches = {}
     for layer in layers:

@@ -37,7 +37,9 @@ def test_steps_to_peft_lora_come_from_the_reference_runs():
 
 
 def test_method_names_give_k_whitening_and_angle():
-    assert adaptation.ours_variant("ours-k0") == (0, True, 0.0)
-    assert adaptation.ours_variant("ours-k16-a80") == (16, True, 80.0)
-    assert adaptation.ours_variant("ours-k16-gradient") == (16, False, 0.0)
-    assert adaptation.ours_variant("ours-k16-gradient-a80") == (16, False, 80.0)
+    assert adaptation.ours_variant("ours-k0") == (0, 1.0, 0.0)
+    assert adaptation.ours_variant("ours-k16-a80") == (16, 1.0, 80.0)
+    assert adaptation.ours_variant("ours-k16-gradient") == (16, 0.0, 0.0)
+    assert adaptation.ours_variant("ours-k16-gradient-a80") == (16, 0.0, 80.0)
+    assert adaptation.ours_variant("ours-k16-w0.5") == (16, 0.5, 0.0)
+    assert adaptation.ours_variant("ours-k16-w0.5-a80") == (16, 0.5, 80.0)

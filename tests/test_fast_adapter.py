@@ -71,13 +71,13 @@ def exact_statistics(model, data):
 
 
 def expected_directions(g, mean_sq, whiten):
-    """Top-K right singular vectors of G D^-1/2 (whiten) or of G, mapped to A's coordinates."""
-    w = (mean_sq + WHITENING_DAMPING * mean_sq.mean()).rsqrt() if whiten else torch.ones_like(mean_sq)
+    """Top-K right singular vectors of G D^-whiten/2 (G itself at 0), mapped to A's coordinates."""
+    w = (mean_sq + WHITENING_DAMPING * mean_sq.mean()) ** (-whiten / 2)
     v = torch.linalg.svd(g * w[None, :]).Vh[:K].T
-    return v * w[:, None]  # a_j is proportional to D^-1/2 v_j
+    return v * w[:, None]  # a_j is proportional to D^-whiten/2 v_j
 
 
-@pytest.mark.parametrize("whiten", [True, False], ids=["whitened", "gradient"])
+@pytest.mark.parametrize("whiten", [1.0, 0.5, 0.0], ids=["whitened", "half-whitened", "gradient"])
 def test_fast_rows_span_the_top_directions_of_the_explicit_gradient(whiten):
     data = batches()
     model = model_with()
@@ -109,9 +109,9 @@ def test_sketch_at_default_oversampling_finds_a_decaying_spectrum():
     whitened = torch.linalg.svd(g_true * scales * w).Vh[:k].T * w[:, None]
     raw = torch.linalg.svd(g_true * scales).Vh[:k].T
     # measured 0.003-0.005 rad over Omega/Psi seeds at oversample 16 (0.08-0.18 at 8)
-    assert largest_angle(sketch.fast_rows(whiten=True), whitened) < 0.02
-    assert largest_angle(sketch.fast_rows(whiten=False), raw) < 0.02
-    rows = sketch.fast_rows(whiten=True).double()
+    assert largest_angle(sketch.fast_rows(whiten=1.0), whitened) < 0.02
+    assert largest_angle(sketch.fast_rows(whiten=0.0), raw) < 0.02
+    rows = sketch.fast_rows(whiten=1.0).double()
     # each whitened row projects an input token about as much as a random unit row does: RMS sqrt(mean D)
     projection_rms = ((rows**2) * d).sum(1).sqrt()
     assert torch.allclose(projection_rms, d.mean().sqrt().expand(k), rtol=0.1)  # the damping takes ~5%
@@ -147,7 +147,7 @@ def test_rows_random_part_orthonormal_and_orthogonal_to_the_fast_rows():
     assert torch.allclose(a[3:] @ a[3:].T, torch.eye(5, dtype=torch.float64), atol=1e-6)
     assert (a[3:] @ a[:3].T).abs().max() < 1e-5
     assert torch.equal(fast_adapter_rows(fast, 8, seed=11), fast_adapter_rows(fast, 8, seed=11))
-    unit = torch.linalg.qr(fast.T).Q.T  # unit orthonormal fast rows (whiten=False): the whole A is orthonormal
+    unit = torch.linalg.qr(fast.T).Q.T  # unit orthonormal fast rows (whiten=0): the whole A is orthonormal
     whole = fast_adapter_rows(unit, 8, seed=11).double()
     assert torch.allclose(whole @ whole.T, torch.eye(8, dtype=torch.float64), atol=1e-6)
 
@@ -221,6 +221,8 @@ def test_calibrate_refuses_k0_and_no_batches():
     assert not model.fast_rows_calibrated
     with pytest.raises(ValueError, match="angle must be between 0 and 90 degrees, got 120"):
         calibrate(model, batches(), angle=120)
+    with pytest.raises(ValueError, match="whiten must be between 0 and 1, got 2"):
+        calibrate(model, batches(), whiten=2)
 
 
 def test_gradient_checkpointing_calibrates_the_same_a_and_reentrant_gets_a_clear_error():
