@@ -192,7 +192,7 @@ def test_an_nf4_base_calibrates(tmp_path):
     calibrate(model, data, angle=0, oversample=128)
     assert torch.equal(logits(model.eval(), x), before)
     for layer, (g, mean_sq) in exact.items():
-        assert largest_angle(layer.lora_A.weight[:K], expected_directions(g, mean_sq, True)) < 1e-3
+        assert largest_angle(layer.lora_A.weight[:K], expected_directions(g, mean_sq, 1.0)) < 1e-3
 
 
 def test_training_uncalibrated_warns_once_and_calibrated_or_loaded_does_not(tmp_path):
