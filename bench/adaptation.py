@@ -13,8 +13,8 @@ Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
 by lorafa_scale.calibrate on the first --calib-batches training batches, the exact directions: angle 0),
 ours-k<k>-a<degrees> (the rows turned by that angle; ours-k16-a80 is the trainer's default), and the ablation ours-k<k>-gradient
-(calibrate(..., whiten=False): unit rows along the raw gradient's singular vectors, LoRA-GA's directions;
-ours-k<k>-gradient-a<degrees> turns them). Results: bench/results/adaptation.json and
+(calibrate(..., whiten=0): unit rows along the raw gradient's singular vectors, LoRA-GA's directions;
+ours-k<k>-gradient-a<degrees> turns them) and ours-k<k>-w<p>[-a<degrees>] (partly whitened, whiten=p). Results: bench/results/adaptation.json and
 bench/results/adaptation.png (held-out loss curves at each method's best rate).
 """
 
