@@ -8,6 +8,8 @@ the same order for every method at a given seed. Held-out loss (answer tokens on
 every --eval-every steps; greedy exact-match accuracy on the held-out prompts at the end. Each method's best
 learning rate is the grid value with the lowest final held-out loss averaged over the seeds. Seeds added
 later can skip, with --prune, the rates that earlier seeds put far from a method's best (successive halving).
+Each run records its settings (steps, warmup, eval_every, max_grad_norm, calib_batches): --resume, --prune and
+--summarize refuse to mix runs made under different ones, and an existing --out is added to only with --resume.
 
 Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga"), peft-eva (EVA),
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
@@ -42,6 +44,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 R, ALPHA, BATCH, HELDOUT = 16, 32, 8, 64
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # = "all-linear"
 METHODS = ["peft-lora", "peft-lora-ga", "peft-eva", "peft-lorafa", "ours-k0", "ours-k4", "ours-k16"]
+# what a run's result depends on besides (task, method, lr, seed): written into each run, so that runs made
+# under different settings are never resumed into, pruned from or merged with one another by accident
+SETTINGS = ("steps", "warmup", "eval_every", "max_grad_norm", "calib_batches")
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -187,18 +192,38 @@ def train(model, optimizer, batches, heldout_batch, eval_every: int, warmup: int
 
 
 # -- main --------------------------------------------------------------------------------------------------
+def check_settings(sources: list[tuple[str, list[dict]]], wanted: dict | None = None, ignore: tuple = ()) -> None:
+    """Exit with one line naming the field and the two files if runs in `sources` ((file, runs) pairs) were made
+    under different SETTINGS, or under other settings than `wanted`. Runs from before settings were recorded
+    (no "settings") are let through: their file names say their warmup and steps."""
+    seen = [("this command", wanted)] if wanted is not None else []
+    seen += [(name, r["settings"]) for name, runs in sources for r in runs if "settings" in r]
+    first_name, first = seen[0] if seen else (None, None)
+    for name, found in seen[1:]:
+        for field in SETTINGS:
+            if field not in ignore and found[field] != first[field]:
+                sys.exit(f"bench/adaptation.py: {name} has runs with {field} {found[field]}, but {first_name} "
+                         f"has {field} {first[field]}: refusing to mix them")
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    if args.out.exists() and not args.resume:
+        sys.exit(f"bench/adaptation.py: {args.out} exists: pass --resume to add runs to it, or name another --out")
+    results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    wanted = {name: getattr(args, name) for name in SETTINGS}
+    check_settings([(str(args.out), results["runs"])], wanted)
+    done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in results["runs"]}
+    if args.prune:  # successive halving: skip the rates already far from a method's best in earlier seeds
+        pruning = [(str(path), json.loads(path.read_text())["runs"]) for path in args.prune]
+        check_settings(pruning, wanted, ignore=("eval_every",))
+        earlier = [r for _, runs in pruning for r in runs]
+        done |= {(task, method, lr, seed) for task in args.tasks for method in args.methods
+                 for lr in pruned_rates(earlier, task, method, args.prune_factor) for seed in args.seeds}
     folder = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     base.config.use_cache = False
-    results = json.loads(args.out.read_text()) if args.out.exists() and args.resume else {"runs": []}
-    done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in results["runs"]}
-    if args.prune:  # successive halving: skip the rates already far from a method's best in earlier seeds
-        earlier = [r for path in args.prune for r in json.loads(path.read_text())["runs"]]
-        done |= {(task, method, lr, seed) for task in args.tasks for method in args.methods
-                 for lr in pruned_rates(earlier, task, method, args.prune_factor) for seed in args.seeds}
     for task in args.tasks:
         for seed in args.seeds:
             batches, heldout, heldout_batch = task_data(task, args.steps, seed, tokenizer)
@@ -214,7 +239,7 @@ def run(args) -> dict:
                     started = time.perf_counter()
                     curve = train(model, optimizer, batches, heldout_batch, args.eval_every, args.warmup,
                                   args.max_grad_norm)
-                    record = dict(task=task, method=method, lr=lr, seed=seed, curve=curve,
+                    record = dict(task=task, method=method, lr=lr, seed=seed, curve=curve, settings=wanted,
                                   calib_seconds=calib_seconds, train_seconds=time.perf_counter() - started)
                     if args.exact_match:
                         record["exact_match"] = exact_match(model, tokenizer, heldout)
@@ -274,12 +299,14 @@ def summarize(results: dict, eval_every: int, reference: list[dict] | None = Non
     runs, lines = results["runs"], []
     reference = runs if reference is None else reference
     kept = results.get("kept_bytes", {})
+    recorded = next((r["settings"] for r in runs if "settings" in r), None)  # one for all: check_settings
+    about = f"; warmup {recorded['warmup']}, {recorded['steps']} steps" if recorded else ""
     for task in sorted({r["task"] for r in runs}):
         methods = [m for m in METHODS + sorted({r["method"] for r in runs} - set(METHODS))
                    if any(r["method"] == m and r["task"] == task for r in runs)]
         has_target = any(r["method"] == "peft-lora" and r["task"] == task for r in reference)
         target = mean_curve(best_runs(reference, task, "peft-lora")[1])[-1] if has_target else None
-        lines += [f"\n{task} (held-out loss at steps 0, {eval_every}, {2 * eval_every}, ...; mean of seeds)\n",
+        lines += [f"\n{task} (held-out loss at steps 0, {eval_every}, {2 * eval_every}, ...; mean of seeds{about})\n",
                   "| method | best lr | seeds | held-out loss curve | final | steps to PEFT LoRA's final | "
                   "exact match | at the trainer's default lr | calibration s | kept for backward MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -360,15 +387,21 @@ def main(argv=None) -> int:
                         help="take PEFT LoRA's final loss (for 'steps to PEFT LoRA's final') from these result files, "
                              "e.g. for runs at a finer --eval-every that have no PEFT LoRA beside them")
     args = parser.parse_args(argv)
-    reference = None
-    if args.reference:
-        reference = [r for path in args.reference for r in json.loads(path.read_text())["runs"]
-                     if r["seed"] in args.seeds and r["lr"] in args.lrs]
+    def asked(runs: list[dict], methods=None) -> list[dict]:  # the grid, seeds and methods asked for
+        return [r for r in runs if r["lr"] in args.lrs and r["seed"] in args.seeds
+                and (methods is None or r["method"] in methods)]
+
+    references = [(str(path), asked(json.loads(path.read_text())["runs"])) for path in args.reference or []]
+    reference = [r for _, runs in references for r in runs] if args.reference else None
     if args.summarize:
+        if any(path.resolve() == args.out.resolve() for path in args.summarize):
+            sys.exit(f"bench/adaptation.py: --out {args.out} is one of the --summarize files: name another --out")
         merged = [json.loads(path.read_text()) for path in args.summarize]
-        unique = {(r["task"], r["method"], r["lr"], r["seed"]): r for m in reversed(merged) for r in m["runs"]}
-        results = {"runs": [r for r in unique.values()  # the grid, seeds and methods asked for; a run once
-                            if r["lr"] in args.lrs and r["seed"] in args.seeds and r["method"] in args.methods]}
+        sources = [(str(path), asked(m["runs"], args.methods)) for path, m in zip(args.summarize, merged, strict=True)]
+        check_settings(sources)
+        check_settings(sources + references, ignore=("eval_every",))  # a reference may be evaluated more often
+        unique = {(r["task"], r["method"], r["lr"], r["seed"]): r for _, runs in reversed(sources) for r in runs}
+        results = {"runs": list(unique.values())}  # a run once: the first file given wins
         for m in merged:
             results.setdefault("kept_bytes", {}).update(m.get("kept_bytes", {}))
         args.out.write_text(json.dumps(results, indent=1))

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import adaptation  # noqa: E402  (bench/ is scripts, not a package)
@@ -43,3 +46,49 @@ def test_method_names_give_k_whitening_and_angle():
     assert adaptation.ours_variant("ours-k16-gradient-a80") == (16, 0.0, 80.0)
     assert adaptation.ours_variant("ours-k16-w0.5") == (16, 0.5, 0.0)
     assert adaptation.ours_variant("ours-k16-w0.5-a80") == (16, 0.5, 80.0)
+
+
+def settings(**changed) -> dict:
+    return dict(dict(steps=16, warmup=2, eval_every=4, max_grad_norm=0.0, calib_batches=4), **changed)
+
+
+def write(path: Path, runs: list[dict]) -> Path:
+    path.write_text(json.dumps({"runs": runs}))
+    return path
+
+
+def exit_message(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as raised:
+        adaptation.main(argv)
+    return str(raised.value.code)
+
+
+def test_summarize_refuses_to_merge_runs_made_under_other_settings(tmp_path, capsys):
+    at2 = write(tmp_path / "w2.json", [dict(run("ours-k0", 5e-3, 0, [4.0, 1.0]), settings=settings())])
+    at4 = write(tmp_path / "w4.json", [dict(run("ours-k16-a80", 5e-3, 0, [4.0, 0.5]), settings=settings(warmup=4))])
+    message = exit_message(["--summarize", str(at2), str(at4), "--out", str(tmp_path / "merged.json"),
+                            "--lrs", "5e-3", "--methods", "ours-k0", "ours-k16-a80"])
+    assert "w4.json has runs with warmup 4" in message and "w2.json has warmup 2" in message
+    assert not (tmp_path / "merged.json").exists()
+    # runs from before settings were recorded pass (their file names say their settings), and the table names the warmup
+    legacy = write(tmp_path / "legacy.json", [run("ours-k16-a80", 5e-3, 0, [4.0, 0.5])])
+    assert adaptation.main(["--summarize", str(at2), str(legacy), "--out", str(tmp_path / "merged.json"), "--lrs", "5e-3",
+                            "--methods", "ours-k0", "ours-k16-a80"]) == 0
+    assert len(json.loads((tmp_path / "merged.json").read_text())["runs"]) == 2
+    assert "mean of seeds; warmup 2, 16 steps)" in capsys.readouterr().out
+    assert "one of the --summarize files" in exit_message(["--summarize", str(at2), "--out", str(at2)])
+    # a reference evaluated more often is fine; one trained for other steps is not
+    fine = write(tmp_path / "fine.json", [dict(run("peft-lora", 5e-3, 0, [4.0, 2.0, 1.0]), settings=settings(eval_every=1))])
+    longer = write(tmp_path / "long.json", [dict(run("peft-lora", 5e-3, 0, [4.0, 2.0, 1.0]), settings=settings(steps=32))])
+    common = ["--summarize", str(at2), "--out", str(tmp_path / "ref.json"), "--lrs", "5e-3"]
+    assert adaptation.main(common + ["--reference", str(fine)]) == 0
+    assert "long.json has runs with steps 32" in exit_message(common + ["--reference", str(longer)])
+
+
+def test_a_run_never_resumes_into_or_overwrites_other_results(tmp_path):
+    out = write(tmp_path / "out.json", [dict(run("ours-k0", 5e-3, 0, [4.0, 1.0]), settings=settings())])
+    before = out.read_text()
+    # both refusals come before the model is loaded (the SmolLM2 cache is not needed to see them)
+    assert "pass --resume" in exit_message(["--out", str(out)])
+    assert "this command has warmup 4" in exit_message(["--out", str(out), "--resume", "--warmup", "4", "--steps", "16"])
+    assert out.read_text() == before
