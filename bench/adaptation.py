@@ -394,10 +394,13 @@ def main(argv=None) -> int:
     references = [(str(path), asked(json.loads(path.read_text())["runs"])) for path in args.reference or []]
     reference = [r for _, runs in references for r in runs] if args.reference else None
     if args.summarize:
-        if any(path.resolve() == args.out.resolve() for path in args.summarize):
-            sys.exit(f"bench/adaptation.py: --out {args.out} is one of the --summarize files: name another --out")
         merged = [json.loads(path.read_text()) for path in args.summarize]
         sources = [(str(path), asked(m["runs"], args.methods)) for path, m in zip(args.summarize, merged, strict=True)]
+        for path, m, (_, kept_runs) in zip(args.summarize, merged, sources, strict=True):
+            # merging into one of the inputs (a growing results file) must not drop its runs left out of the ask
+            if path.resolve() == args.out.resolve() and len(kept_runs) < len(m["runs"]):
+                sys.exit(f"bench/adaptation.py: --out {args.out} is a --summarize file and {len(m['runs']) - len(kept_runs)}"
+                         " of its runs are outside --methods/--lrs/--seeds: widen them or name another --out")
         check_settings(sources)
         check_settings(sources + references, ignore=("eval_every",))  # a reference may be evaluated more often
         unique = {(r["task"], r["method"], r["lr"], r["seed"]): r for _, runs in reversed(sources) for r in runs}

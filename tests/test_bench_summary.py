@@ -76,7 +76,13 @@ def test_summarize_refuses_to_merge_runs_made_under_other_settings(tmp_path, cap
                             "--methods", "ours-k0", "ours-k16-a80"]) == 0
     assert len(json.loads((tmp_path / "merged.json").read_text())["runs"]) == 2
     assert "mean of seeds; warmup 2, 16 steps)" in capsys.readouterr().out
-    assert "one of the --summarize files" in exit_message(["--summarize", str(at2), "--out", str(at2)])
+    # merging into one of the inputs adds to it, but never drops its runs that the command did not ask for
+    assert adaptation.main(["--summarize", str(at2), str(legacy), "--out", str(at2), "--lrs", "5e-3",
+                            "--methods", "ours-k0", "ours-k16-a80"]) == 0
+    assert len(json.loads(at2.read_text())["runs"]) == 2
+    assert "1 of its runs are outside" in exit_message(["--summarize", str(at2), "--out", str(at2), "--lrs", "5e-3",
+                                                        "--methods", "ours-k0"])
+    assert len(json.loads(at2.read_text())["runs"]) == 2
     # a reference evaluated more often is fine; one trained for other steps is not
     fine = write(tmp_path / "fine.json", [dict(run("peft-lora", 5e-3, 0, [4.0, 2.0, 1.0]), settings=settings(eval_every=1))])
     longer = write(tmp_path / "long.json", [dict(run("peft-lora", 5e-3, 0, [4.0, 2.0, 1.0]), settings=settings(steps=32))])
