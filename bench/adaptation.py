@@ -9,7 +9,8 @@ every --eval-every steps; greedy exact-match accuracy on the held-out prompts at
 learning rate is the grid value with the lowest final held-out loss averaged over the seeds. Seeds added
 later can skip, with --prune, the rates that earlier seeds put far from a method's best (successive halving).
 Each run records its settings (steps, warmup, eval_every, max_grad_norm, calib_batches): --resume, --prune and
---summarize refuse to mix runs made under different ones, and an existing --out is added to only with --resume.
+--summarize refuse to mix runs made under different ones, and a training run adds to an existing --out only
+with --resume.
 
 Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga"), peft-eva (EVA),
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
