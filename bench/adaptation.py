@@ -196,7 +196,7 @@ def train(model, optimizer, batches, heldout_batch, eval_every: int, warmup: int
 def check_settings(sources: list[tuple[str, list[dict]]], wanted: dict | None = None, ignore: tuple = ()) -> None:
     """Exit with one line naming the field and the two files if runs in `sources` ((file, runs) pairs) were made
     under different SETTINGS, or under other settings than `wanted`. Runs from before settings were recorded
-    (no "settings") are let through: their file names say their warmup and steps."""
+    (no "settings") are let through: their commands in BENCHMARKS.md and their file names are their record."""
     seen = [("this command", wanted)] if wanted is not None else []
     seen += [(name, r["settings"]) for name, runs in sources for r in runs if "settings" in r]
     first_name, first = seen[0] if seen else (None, None)
@@ -388,6 +388,7 @@ def main(argv=None) -> int:
                         help="take PEFT LoRA's final loss (for 'steps to PEFT LoRA's final') from these result files, "
                              "e.g. for runs at a finer --eval-every that have no PEFT LoRA beside them")
     args = parser.parse_args(argv)
+
     def asked(runs: list[dict], methods=None) -> list[dict]:  # the grid, seeds and methods asked for
         return [r for r in runs if r["lr"] in args.lrs and r["seed"] in args.seeds
                 and (methods is None or r["method"] in methods)]
