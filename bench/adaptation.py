@@ -8,9 +8,9 @@ the same order for every method at a given seed. Held-out loss (answer tokens on
 every --eval-every steps; greedy exact-match accuracy on the held-out prompts at the end. Each method's best
 learning rate is the grid value with the lowest final held-out loss averaged over the seeds. Seeds added
 later can skip, with --prune, the rates that earlier seeds put far from a method's best (successive halving).
-Each run records its settings (steps, warmup, eval_every, max_grad_norm, calib_batches): --resume, --prune and
---summarize refuse to mix runs made under different ones, and a training run adds to an existing --out only
-with --resume.
+Each run records its settings (steps, warmup, eval_every, max_grad_norm, calib_batches, screen): --resume,
+--prune and --summarize refuse to mix runs made under different ones, and a training run adds to an existing
+--out only with --resume. --screen runs one of bench/adaptation_screens.py's changes to the package's internals.
 
 Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga"), peft-eva (EVA),
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from adaptation_screens import SCREENS
 from adaptation_tasks import make_split
 from smollm2 import smollm2_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,7 +48,8 @@ LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 METHODS = ["peft-lora", "peft-lora-ga", "peft-eva", "peft-lorafa", "ours-k0", "ours-k4", "ours-k16"]
 # what a run's result depends on besides (task, method, lr, seed): written into each run, so that runs made
 # under different settings are never resumed into, pruned from or merged with one another by accident
-SETTINGS = ("steps", "warmup", "eval_every", "max_grad_norm", "calib_batches")
+SETTINGS = ("steps", "warmup", "eval_every", "max_grad_norm", "calib_batches", "screen")
+UNSCREENED = {"screen": "none"}  # what runs recorded before --screen existed ran
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -118,8 +120,9 @@ def ours_variant(method: str) -> tuple[int, float, float]:
     return int(k), whiten, float(variant.removeprefix("a")) if variant else 0.0
 
 
-def build(method: str, base, batches, calib_batches: int, seed: int):
-    """(model, calibration seconds) for `method`, its adapters drawn from `seed` and initialised (B untrained)."""
+def build(method: str, base, batches, calib_batches: int, seed: int, screen: str = "none"):
+    """(model, calibration seconds) for `method`, its adapters drawn from `seed` and initialised (B untrained);
+    ours under `screen` (bench/adaptation_screens.py)."""
     import peft
 
     torch.manual_seed(seed)
@@ -143,11 +146,13 @@ def build(method: str, base, batches, calib_batches: int, seed: int):
         model = peft.get_peft_model(model, peft_config())
     else:
         k, whiten, angle = ours_variant(method)
+        patch, config_fields = SCREENS[screen]
         config = lorafa_scale.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
-                                         fast_adapter_rank=k, task_type="CAUSAL_LM")
+                                         fast_adapter_rank=k, task_type="CAUSAL_LM", **config_fields)
         model = lorafa_scale.get_peft_model(model, config)
         if k:
-            lorafa_scale.calibrate(model, calib, whiten=whiten, angle=angle)
+            with patch():
+                lorafa_scale.calibrate(model, calib, whiten=whiten, angle=angle)
     return model, time.perf_counter() - start
 
 
@@ -202,13 +207,16 @@ def check_settings(sources: list[tuple[str, list[dict]]], wanted: dict | None = 
     first_name, first = seen[0] if seen else (None, None)
     for name, found in seen[1:]:
         for field in SETTINGS:
-            if field not in ignore and found[field] != first[field]:
-                sys.exit(f"bench/adaptation.py: {name} has runs with {field} {found[field]}, but {first_name} "
-                         f"has {field} {first[field]}: refusing to mix them")
+            value, first_value = (settings.get(field, UNSCREENED.get(field)) for settings in (found, first))
+            if field not in ignore and value != first_value:
+                sys.exit(f"bench/adaptation.py: {name} has runs with {field} {value}, but {first_name} "
+                         f"has {field} {first_value}: refusing to mix them")
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    if args.screen != "none" and any(not method.startswith("ours-") for method in args.methods):
+        sys.exit(f"bench/adaptation.py: --screen {args.screen} changes ours only: give --methods ours-... alone")
     if args.out.exists() and not args.resume:
         sys.exit(f"bench/adaptation.py: {args.out} exists: pass --resume to add runs to it, or name another --out")
     results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
@@ -234,7 +242,8 @@ def run(args) -> dict:
                     if (task, method, lr, seed) in done:
                         continue
                     if initialised is None:
-                        initialised, calib_seconds = build(method, base, batches, args.calib_batches, seed)
+                        initialised, calib_seconds = build(method, base, batches, args.calib_batches, seed,
+                                                           args.screen)
                     model = copy.deepcopy(initialised)
                     optimizer = make_optimizer(method, model, lr)
                     started = time.perf_counter()
@@ -302,6 +311,8 @@ def summarize(results: dict, eval_every: int, reference: list[dict] | None = Non
     kept = results.get("kept_bytes", {})
     recorded = next((r["settings"] for r in runs if "settings" in r), None)  # one for all: check_settings
     about = f"; warmup {recorded['warmup']}, {recorded['steps']} steps" if recorded else ""
+    if recorded and recorded.get("screen", "none") != "none":
+        about += f", screen {recorded['screen']}"
     for task in sorted({r["task"] for r in runs}):
         methods = [m for m in METHODS + sorted({r["method"] for r in runs} - set(METHODS))
                    if any(r["method"] == m and r["task"] == task for r in runs)]
@@ -373,6 +384,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-grad-norm", type=float, default=0.0,
                         help="clip gradients to this norm, as launch/train.py (its default 1.0); 0 = no clipping")
     parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--screen", choices=SCREENS, default="none",
+                        help="run ours under one of bench/adaptation_screens.py's changes to the package's internals")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--memory", action="store_true", help="also count the bytes kept for backward per method")
