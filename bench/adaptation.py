@@ -206,9 +206,9 @@ def check_settings(sources: list[tuple[str, list[dict]]], wanted: dict | None = 
     seen += [(name, r["settings"]) for name, runs in sources for r in runs if "settings" in r]
     first_name, first = seen[0] if seen else (None, None)
     for name, found in seen[1:]:
-        for field in SETTINGS:
+        for field in (field for field in SETTINGS if field not in ignore):
             value, first_value = (settings.get(field, UNSCREENED.get(field)) for settings in (found, first))
-            if field not in ignore and value != first_value:
+            if value != first_value:
                 sys.exit(f"bench/adaptation.py: {name} has runs with {field} {value}, but {first_name} "
                          f"has {field} {first_value}: refusing to mix them")
 
@@ -311,7 +311,7 @@ def summarize(results: dict, eval_every: int, reference: list[dict] | None = Non
     kept = results.get("kept_bytes", {})
     recorded = next((r["settings"] for r in runs if "settings" in r), None)  # one for all: check_settings
     about = f"; warmup {recorded['warmup']}, {recorded['steps']} steps" if recorded else ""
-    if recorded and recorded.get("screen", "none") != "none":
+    if recorded and recorded.get("screen", UNSCREENED["screen"]) != UNSCREENED["screen"]:
         about += f", screen {recorded['screen']}"
     for task in sorted({r["task"] for r in runs}):
         methods = [m for m in METHODS + sorted({r["method"] for r in runs} - set(METHODS))

@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("--screen", choices=SCREENS, default="none")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if any(not method.startswith("ours-") for method in args.methods):
+        parser.error("--methods: ours-... only (PEFT's layers hold A in another form)")
     torch.set_num_threads(args.threads)
     folder = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
