@@ -215,7 +215,7 @@ def check_settings(sources: list[tuple[str, list[dict]]], wanted: dict | None = 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    if args.screen != "none" and any(not method.startswith("ours-") for method in args.methods):
+    if args.screen != UNSCREENED["screen"] and any(not method.startswith("ours-") for method in args.methods):
         sys.exit(f"bench/adaptation.py: --screen {args.screen} changes ours only: give --methods ours-... alone")
     if args.out.exists() and not args.resume:
         sys.exit(f"bench/adaptation.py: {args.out} exists: pass --resume to add runs to it, or name another --out")

@@ -25,6 +25,8 @@ from adaptation_screens import SCREENS
 from smollm2 import smollm2_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorafa_scale.layer import LoraFALinear
+
 
 @torch.no_grad()
 def projection_stats(model, batch) -> dict[str, tuple[float, float, float]]:
@@ -45,7 +47,7 @@ def projection_stats(model, batch) -> dict[str, tuple[float, float, float]]:
         return hook
 
     handles = [layer.register_forward_hook(record(name)) for name, layer in model.named_modules()
-               if hasattr(layer, "lora_A") and hasattr(layer, "base_layer")]
+               if isinstance(layer, LoraFALinear)]
     model.eval()
     model(**batch)
     for handle in handles:

@@ -59,6 +59,8 @@ def plain_turn() -> AbstractContextManager:
         exact = original(self, whiten, 0.0).double()  # (k x in): the whitened rows, a random unit row's size
         if not angle:
             return exact.float()
+        # the same kind of rows fast_adapter_rows draws, but drawn here in (in x k) shape: these are the draws
+        # the recorded plain-turn runs used, so reusing that helper would not reproduce them
         generator = torch.Generator().manual_seed(self.seed + 1)
         away = torch.randn(self.in_features, self.k, dtype=torch.float64, generator=generator)
         basis = torch.linalg.qr(exact.T).Q
