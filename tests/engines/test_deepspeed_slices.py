@@ -2,7 +2,7 @@
 CPU processes: built partitioned, adapters on every linear layer, wrapped in an engine; the 13B slice also
 takes one training step (the 70B step by hand: tests/workers/deepspeed_slice.py says how).
 
-Memory heavy (about 3 GiB per rank): run it alone,
+Memory heavy (up to 6 GB resident per rank, 2026-12-07): run it alone,
     python -m pytest -q tests/engines/test_deepspeed_slices.py
 """
 
