@@ -24,7 +24,8 @@ TRAINED = ("llama-2-13b",)
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("slices")
-    torchrun(worker.__file__, "--out", out, "--train", *TRAINED, "--", *SLICES, timeout=600)
+    trained = [arg for name in TRAINED for arg in ("--train", name)]
+    torchrun(worker.__file__, "--out", out, *trained, *SLICES, timeout=600)
     return {name: json.loads((out / f"{name}.json").read_text()) for name in SLICES}
 
 

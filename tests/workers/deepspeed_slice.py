@@ -12,7 +12,7 @@ trained slice the loss and B's norm after the step.
 The test trains the 13B slice only (the 70B step takes 90 s of bf16 matmuls and gathers on 2 AVX2 cores);
 the 70B step by hand (7.7-8.4 GB per rank, about 3 min):
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 tests/workers/deepspeed_slice.py --out DIR \
-        --train llama-3-70b -- llama-3-70b
+        --train llama-3-70b llama-3-70b
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def run(name: str, train: bool) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--train", nargs="*", default=[], choices=sorted(GEOMETRIES),
-                        help="geometries that also take one training step")
+    parser.add_argument("--train", action="append", default=[], choices=sorted(GEOMETRIES),
+                        help="a geometry that also takes one training step (repeatable)")
     parser.add_argument("geometries", nargs="+", choices=sorted(GEOMETRIES))
     args = parser.parse_args()
     init_distributed()
