@@ -9,8 +9,8 @@ every --eval-every steps; greedy exact-match accuracy on the held-out prompts at
 learning rate is the grid value with the lowest final held-out loss averaged over the seeds. Seeds added
 later can skip, with --prune, the rates that earlier seeds put far from a method's best (successive halving).
 Each run records its settings (steps, warmup, eval_every, max_grad_norm, calib_batches, screen): --resume,
---prune and --summarize refuse to mix runs made under different ones, and a training run adds to an existing
---out only with --resume. --screen runs one of bench/adaptation_screens.py's changes to the package's internals.
+--prune and --summarize refuse to mix runs made under different ones, a training run adds to an existing
+--out only with --resume, and --summarize writes an existing --out only when it is one of its inputs. --screen runs one of bench/adaptation_screens.py's changes to the package's internals.
 
 Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga"), peft-eva (EVA),
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
@@ -409,6 +409,9 @@ def main(argv=None) -> int:
     references = [(str(path), asked(json.loads(path.read_text())["runs"])) for path in args.reference or []]
     reference = [r for _, runs in references for r in runs] if args.reference else None
     if args.summarize:
+        if args.out.exists() and args.out.resolve() not in {path.resolve() for path in args.summarize}:
+            sys.exit(f"bench/adaptation.py: --out {args.out} exists and is not a --summarize file: name it among them "
+                     "(its runs are kept) or name another --out")
         merged = [json.loads(path.read_text()) for path in args.summarize]
         sources = [(str(path), asked(m["runs"], args.methods)) for path, m in zip(args.summarize, merged, strict=True)]
         for path, m, (_, kept_runs) in zip(args.summarize, merged, sources, strict=True):

@@ -83,12 +83,17 @@ def test_summarize_refuses_to_merge_runs_made_under_other_settings(tmp_path, cap
     assert "1 of its runs are outside" in exit_message(["--summarize", str(at2), "--out", str(at2), "--lrs", "5e-3",
                                                         "--methods", "ours-k0"])
     assert len(json.loads(at2.read_text())["runs"]) == 2
+    # an existing summary that is not an input is never overwritten
+    assert "is not a --summarize file" in exit_message(["--summarize", str(legacy), "--out", str(at2), "--lrs", "5e-3",
+                                                        "--methods", "ours-k16-a80"])
+    assert len(json.loads(at2.read_text())["runs"]) == 2
     # a reference evaluated more often is fine; one trained for other steps is not
     fine = write(tmp_path / "fine.json", [dict(run("peft-lora", 5e-3, 0, [4.0, 2.0, 1.0]), settings=settings(eval_every=1))])
     longer = write(tmp_path / "long.json", [dict(run("peft-lora", 5e-3, 0, [4.0, 2.0, 1.0]), settings=settings(steps=32))])
-    common = ["--summarize", str(at2), "--out", str(tmp_path / "ref.json"), "--lrs", "5e-3"]
-    assert adaptation.main(common + ["--reference", str(fine)]) == 0
-    assert "long.json has runs with steps 32" in exit_message(common + ["--reference", str(longer)])
+    common = ["--summarize", str(at2), "--lrs", "5e-3"]
+    assert adaptation.main(common + ["--out", str(tmp_path / "ref.json"), "--reference", str(fine)]) == 0
+    assert "long.json has runs with steps 32" in exit_message(common + ["--out", str(tmp_path / "long_ref.json"),
+                                                                        "--reference", str(longer)])
 
 
 def test_a_run_never_resumes_into_or_overwrites_other_results(tmp_path):
