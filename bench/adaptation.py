@@ -201,7 +201,7 @@ def train(model, optimizer, batches, heldout_batch, eval_every: int, warmup: int
 def check_settings(sources: list[tuple[str, list[dict]]], wanted: dict | None = None, ignore: tuple = ()) -> None:
     """Exit with one line naming the field and the two files if runs in `sources` ((file, runs) pairs) were made
     under different SETTINGS, or under other settings than `wanted`. Runs from before settings were recorded
-    (no "settings") are let through: their commands in BENCHMARKS.md and their file names are their record."""
+    (no "settings") are let through: their commands in bench/adaptation_log.md and their file names are their record."""
     seen = [("this command", wanted)] if wanted is not None else []
     seen += [(name, r["settings"]) for name, runs in sources for r in runs if "settings" in r]
     first_name, first = seen[0] if seen else (None, None)

@@ -2,7 +2,7 @@
 
 A screen tests an idea without adding an option to the package for it. Each run records its screen among
 its settings, so that screened runs are never resumed into, pruned from or merged with default ones
-(BENCHMARKS.md section 8 gives each screen's figures):
+(bench/adaptation_log.md gives each screen's figures and commands):
 
     none           the package as it is
     damping1       WHITENING_DAMPING 1.0 instead of 1e-2: D + mean D, so rarely active inputs are not weighted up
