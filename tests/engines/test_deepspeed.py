@@ -176,12 +176,14 @@ def test_exported_adapter_loads_in_peft(zero3):
 @pytest.mark.parametrize("base", ["", "nf4_"])
 def test_no_gathered_weight_alive_between_forward_and_backward(base, zero3):
     _, result, _ = zero3
-    assert result[f"{base}alive_after_forward"] == 0
+    assert result[f"{base}alive_after_forward"] == 0, result[f"{base}alive_names"]  # which weights, if it fails
     assert result[f"{base}gathered_in_forward"] > 10 * result[f"{base}control_weight_numel"]  # all layers seen
     # Control: the same layer with torch's / bitsandbytes' own forward keeps its whole gathered weight alive, so
     # the count does see a kept weight. "At least": one clean-clone run counted twice the weight's elements
-    # (cause not found; the main assertion above held), which does not weaken what the control shows.
-    assert result[f"{base}alive_after_forward_control"] >= result[f"{base}control_weight_numel"] > 0
+    # (cause not found; the main assertion above held; see gathered_alive_after_forward on a storage that
+    # outlives its last reference for a moment), which does not weaken what the control shows.
+    assert result[f"{base}alive_after_forward_control"] >= result[f"{base}control_weight_numel"] > 0, \
+        result[f"{base}alive_names_control"]
 
 
 def test_activation_checkpointing_under_zero3(zero3):
