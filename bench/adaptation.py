@@ -10,7 +10,8 @@ learning rate is the grid value with the lowest final held-out loss averaged ove
 later can skip, with --prune, the rates that earlier seeds put far from a method's best (successive halving).
 Each run records its settings (steps, warmup, eval_every, max_grad_norm, calib_batches, screen): --resume,
 --prune and --summarize refuse to mix runs made under different ones, a training run adds to an existing
---out only with --resume, and --summarize writes an existing --out only when it is one of its inputs. --screen runs one of bench/adaptation_screens.py's changes to the package's internals.
+--out only with --resume, and --summarize writes an existing --out only when it is one of its inputs.
+--screen runs one of bench/adaptation_screens.py's changes to the package's internals.
 
 Methods: peft-lora (PEFT default init), peft-lora-ga (init_lora_weights="lora_ga"), peft-eva (EVA),
 peft-lorafa (PEFT's create_lorafa_optimizer), ours-k0 / ours-k4 / ours-k16 (fast_adapter_rank k, calibrated
@@ -201,7 +202,8 @@ def train(model, optimizer, batches, heldout_batch, eval_every: int, warmup: int
 def check_settings(sources: list[tuple[str, list[dict]]], wanted: dict | None = None, ignore: tuple = ()) -> None:
     """Exit with one line naming the field and the two files if runs in `sources` ((file, runs) pairs) were made
     under different SETTINGS, or under other settings than `wanted`. Runs from before settings were recorded
-    (no "settings") are let through: their commands in bench/adaptation_log.md and their file names are their record."""
+    (no "settings") are let through: their commands in bench/adaptation_log.md and their file names are their
+    record."""
     seen = [("this command", wanted)] if wanted is not None else []
     seen += [(name, r["settings"]) for name, runs in sources for r in runs if "settings" in r]
     first_name, first = seen[0] if seen else (None, None)

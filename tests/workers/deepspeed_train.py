@@ -130,8 +130,9 @@ def gathered_alive_after_forward(engine, ids, library_forward_on=None) -> tuple[
     time passes): a clean-clone run once found one weight (8192 elements) alive right after the forward,
     and a loop of the same count saw that twice in 120 forwards (on 2 ranks, the CPU loaded) and never in
     820 more; a storage that outlives its last Python reference for a moment fits a collective's work
-    object released on gloo's own thread after wait() returned (not established). A weight kept for backward stays alive until backward, so waiting loses
-    nothing of what the count checks; the control, whose weight autograd keeps, shows it.
+    object released on gloo's own thread after wait() returned (not established). A weight kept for
+    backward stays alive until backward, so waiting loses nothing of what the count checks; the control,
+    whose weight autograd keeps, shows it.
     """
     uses = {m: {f"{name}.weight": m.weight} for name, m in engine.module.named_modules()
             if isinstance(getattr(m, "weight", None), torch.nn.Parameter) and not m.weight.requires_grad}
@@ -150,19 +151,18 @@ def gathered_alive_after_forward(engine, ids, library_forward_on=None) -> tuple[
     deadline = time.monotonic() + SETTLE_S
     while True:
         gc.collect()
-        alive = sum(numel for _, ref, numel in gathered if not ref.expired())
-        if alive == 0 or time.monotonic() > deadline:
+        alive = [(name, numel) for name, ref, numel in gathered if not ref.expired()]
+        if not alive or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     seen = sum(numel for _, _, numel in gathered)
-    alive_names = [name for name, ref, _ in gathered if not ref.expired()]
     engine.backward(loss)
     engine.optimizer.zero_grad(set_to_none=True)
     for hook in hooks:
         hook.remove()
     if library_forward_on is not None:
         del library_forward_on.forward
-    return alive, seen, alive_names
+    return sum(numel for _, numel in alive), seen, [name for name, _ in alive]
 
 
 def b_grads(engine, model, ids, checkpointing: dict | None) -> tuple[torch.Tensor, int]:
